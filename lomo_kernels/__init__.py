@@ -1,0 +1,6 @@
+"""lomo_kernels: full-parameter fine-tuning with the optimizer update fused into the backward pass."""
+from .backends import available_backends
+from .ops import (dense_grad_sqnorm_, dense_update_, embedding_grad_sqnorm_, embedding_update_,
+                  linear_grad_sqnorm_, linear_update_)
+
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""The ``torch`` backend: the reference semantics of every fused op, in plain torch, on any device.
+
+Every backend module (this one, ``native`` for the compiled C++/CUDA kernels, ``triton_update``)
+exposes the same six functions. They receive inputs already checked and flattened by ``lomo_kernels.ops``:
+``w`` contiguous (weight, any of fp32/bf16/fp16), ``x``/``dy`` contiguous 2-D of one float dtype,
+``idx`` contiguous 1-D int64, ``stats`` a float32 tensor of shape (2,).
+
+    linear_update(w[out,in], x[T,in], dy[T,out], rule)                       W <- rule(W, dyᵀx)
+    linear_grad_sqnorm(stats, x[T,in], dy[T,out], inv_loss_scale)              stats += norm terms of dyᵀx
+    embedding_update(w[V,D], idx[T], dy[T,D], padding_idx, rule)              rows in idx only (+ decay of all rows)
+    embedding_grad_sqnorm(stats, idx[T], dy[T,D], padding_idx, inv_loss_scale)
+    dense_update(p[N], g[N], rule)
+    dense_grad_sqnorm(stats, g[N], inv_loss_scale)
+
+The gradient of a weight matrix is never built whole: it is computed in row blocks of at most
+``CHUNK_ELEMENTS`` entries, each applied and dropped before the next.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops._common import UpdateRule, accumulate_sqnorm_, apply_rule_
+
+CHUNK_ELEMENTS = 1 << 16
+
+
+def _rows_per_chunk(cols: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(cols, 1))
+
+
+def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule) -> None:
+    out_f, in_f = w.shape
+    if (w.dtype == x.dtype == torch.float32 and not rule.stochastic and not math.isfinite(rule.clip_value)
+            and x.shape[0] > 0):
+        # Plain SGD on fp32 is one GEMM accumulating into W: BLAS applies beta/alpha in place.
+        w.addmm_(dy.t(), x, beta=rule.decay, alpha=-rule.step * rule.inv_loss_scale)
+        return
+    x32, dy32 = x.to(torch.float32), dy.to(torch.float32)
+    rows = _rows_per_chunk(in_f)
+    for r0 in range(0, out_f, rows):
+        r1 = min(r0 + rows, out_f)
+        g = dy32[:, r0:r1].t() @ x32
+        apply_rule_(w[r0:r1], g, rule, flat_offset=r0 * in_f)
+
+
+def linear_grad_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float) -> None:
+    out_f, in_f = dy.shape[1], x.shape[1]
+    x32, dy32 = x.to(torch.float32), dy.to(torch.float32)
+    rows = _rows_per_chunk(in_f)
+    for r0 in range(0, out_f, rows):
+        accumulate_sqnorm_(stats, dy32[:, r0:r0 + rows].t() @ x32, inv_loss_scale)
+
+
+def linear_grad_sqnorm_ghost(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float) -> None:
+    """``‖dyᵀx‖² = ⟨x xᵀ, dy dyᵀ⟩`` in blocks of token rows; no weight-sized tensor.
+
+    A non-finite entry shows up as a non-finite sum, counted once in ``stats[1]`` (not per element).
+    Shared by all backends: it is two GEMMs and a dot product, which the vendor BLAS does best.
+    """
+    tokens = x.shape[0]
+    x32 = x.to(torch.float32)
+    dy32 = dy.to(torch.float32) * inv_loss_scale
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    rows = _rows_per_chunk(tokens)
+    for t0 in range(0, tokens, rows):
+        total += ((x32[t0:t0 + rows] @ x32.t()) * (dy32[t0:t0 + rows] @ dy32.t())).sum()
+    stats[0] += total
+    stats[1] += (~torch.isfinite(total)).to(torch.float32)
+
+
+def _touched_rows(idx: torch.Tensor, padding_idx: int):
+    if padding_idx >= 0:
+        keep = idx != padding_idx
+        return keep, torch.unique(idx[keep], return_inverse=True)
+    return None, torch.unique(idx, return_inverse=True)
+
+
+def _row_gradients(idx: torch.Tensor, dy: torch.Tensor, padding_idx: int):
+    keep, (rows, inverse) = _touched_rows(idx, padding_idx)
+    dy32 = dy.to(torch.float32) if keep is None else dy[keep].to(torch.float32)
+    g = torch.zeros(rows.numel(), dy.shape[1], dtype=torch.float32, device=dy.device)
+    g.index_add_(0, inverse, dy32)  # duplicates summed in fp32 before any update
+    return rows, g
+
+
+def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int, rule: UpdateRule) -> None:
+    vocab, dim = w.shape
+    rows, g = _row_gradients(idx, dy, padding_idx)
+    cols = torch.arange(dim, device=w.device, dtype=torch.int64)
+    w_rows = w[rows]
+    apply_rule_(w_rows, g, rule, flat_offset=rows[:, None] * dim + cols)
+    w[rows] = w_rows
+    if rule.decay != 1.0:
+        # Weight decay acts on every row, touched or not (as torch.optim.SGD with a dense gradient).
+        untouched = torch.ones(vocab, dtype=torch.bool, device=w.device)
+        untouched[rows] = False
+        step_rows = _rows_per_chunk(dim)
+        for r0 in range(0, vocab, step_rows):
+            sel = untouched[r0:r0 + step_rows].nonzero().squeeze(1) + r0
+            block = w[sel]
+            apply_rule_(block, torch.zeros_like(block, dtype=torch.float32), rule,
+                        flat_offset=sel[:, None] * dim + cols)
+            w[sel] = block
+
+
+def embedding_grad_sqnorm(stats: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int,
+                          inv_loss_scale: float) -> None:
+    _, g = _row_gradients(idx, dy, padding_idx)
+    accumulate_sqnorm_(stats, g, inv_loss_scale)
+
+
+def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule) -> None:
+    apply_rule_(p, g, rule, flat_offset=0)
+
+
+def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: float) -> None:
+    accumulate_sqnorm_(stats, g, inv_loss_scale)
