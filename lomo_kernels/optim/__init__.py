@@ -1,0 +1,4 @@
+from .base import FusedOptimizer
+from .lomo import Lomo
+
+__all__ = ["FusedOptimizer", "Lomo"]
