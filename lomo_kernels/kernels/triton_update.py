@@ -1,0 +1,309 @@
+"""The ``triton`` backend: the fused updates as Triton kernels (the GPU path for GEMM-with-epilogue).
+
+Same six functions and semantics as ``reference`` (see ``lomo_kernels.ops._common``):
+
+- ``linear_update`` is one kernel per call. Each program owns a tile of W [out, in], loops over the
+  tokens accumulating ``dyᵀx`` for that tile in fp32 registers, then applies the update rule to the
+  tile in its epilogue: the weight gradient is never written to memory.
+- ``linear_grad_sqnorm`` is the same kernel with ``NORM_ONLY``: W untouched, each tile's sum of
+  squares and non-finite count atomically added to ``stats``.
+- ``embedding_*`` sum duplicate rows with torch (memory bounded by tokens x dim), then a kernel
+  applies the rule to the touched rows, or to every row when weight decay is on.
+- ``dense_*`` are elementwise kernels.
+
+All update kernels share one epilogue, ``_finish_tile``.
+
+Whether the kernels run on the GPU or in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors,
+for testing) is fixed when this module is imported: ``triton.jit`` decides at decoration time.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import BackendInfo
+from ..ops._common import UpdateRule, mix32_int
+from .reference import _row_gradients
+
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+# Stop LLVM from contracting ``w*decay - step*u`` into an FMA: the reference rounds each product, and
+# stochastic rounding must see the identical fp32 value to round identically. (The interpreter
+# computes with numpy, which never contracts, and ignores this launch option.)
+_NO_FMA = {"enable_fp_fusion": False}
+
+
+def backend_info(name: str) -> BackendInfo:
+    version = f"triton {triton.__version__}"
+    if INTERPRETED:
+        return BackendInfo(True, f"{version}, interpreter on CPU tensors, for testing")
+    if torch.cuda.is_available():
+        return BackendInfo(True, f"{version} on {torch.cuda.get_device_name()}")
+    return BackendInfo(False, f"{version} imports, but there is no CUDA GPU (set TRITON_INTERPRET=1 before "
+                              "importing lomo_kernels to run the Triton kernels on CPU tensors, for testing)")
+
+
+# --- per-element math, shared by every kernel ---------------------------------------------------
+
+@triton.jit
+def _is_finite(v):
+    return tl.abs(v) <= 3.4028234663852886e38  # FLT_MAX; false for inf and NaN
+
+
+@triton.jit
+def _mix32(x):
+    """Wellons' lowbias32 on uint32 (products wrap mod 2**32), as ``_common.mix32``."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _round_nearest(v, DTYPE: tl.constexpr):
+    """fp32 ``v`` rounded to nearest-even in bf16/fp16 ``DTYPE``."""
+    if DTYPE == tl.bfloat16:
+        # By integer arithmetic (as c10::BFloat16): the interpreter's fp32->bf16 cast truncates, and one
+        # path for GPU and interpreter keeps the GPU rounding the one the tests check.
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return tl.where(v != v, 0x7FC0, bits).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(DTYPE)
+
+
+@triton.jit
+def _round_stochastic(v, flat_index, seed_mix, DTYPE: tl.constexpr):
+    """fp32 ``v`` rounded to bf16/fp16 ``DTYPE`` exactly as ``_common.round_stochastic``."""
+    near = _round_nearest(v, DTYPE)
+    mag = tl.abs(v)
+    near_mag = tl.abs(near.to(tl.float32))
+    bits = near.to(tl.int16, bitcast=True).to(tl.int32)
+    # In sign-magnitude formats, bits+1 / bits-1 step the magnitude up / down.
+    lo_bits = tl.where(near_mag > mag, bits - 1, bits)
+    lo = lo_bits.to(tl.int16).to(DTYPE, bitcast=True)
+    hi = (lo_bits + 1).to(tl.int16).to(DTYPE, bitcast=True)
+    lo_mag = tl.abs(lo.to(tl.float32))
+    hi_mag = tl.abs(hi.to(tl.float32))
+    # div_rn: `/` on fp32 is an approximate division on the GPU; the reference divides exactly.
+    p = tl.math.div_rn(mag - lo_mag, hi_mag - lo_mag)
+    r = _mix32((flat_index ^ seed_mix).to(tl.uint32))
+    uniform = (r >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+    rounded = tl.where(uniform < p, hi, lo)
+    keep_nearest = (near_mag == mag) | ~_is_finite(v) | ~_is_finite(hi_mag)
+    return tl.where(keep_nearest, near, rounded)
+
+
+@triton.jit
+def _finish_tile(g, w_ptrs, flat_index, mask, stats_ptr, decay, step, inv_loss_scale, clip_value, seed_mix,
+                 NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """The epilogue of every kernel, on a tile of fp32 gradient ``g`` (masked-off entries ignored).
+
+    ``NORM_ONLY``: add the tile's ``[sum(u*u), count(!isfinite(u))]`` to ``stats_ptr[0:2]``.
+    Otherwise: update the weights at ``w_ptrs`` by the rule and round them into their own dtype.
+    """
+    u = g * inv_loss_scale
+    if NORM_ONLY:
+        u = tl.where(mask, u, 0.0)
+        tl.atomic_add(stats_ptr, tl.sum(u * u))
+        tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(_is_finite(u), 0.0, 1.0)))
+    else:
+        # Written with comparisons so a NaN passes through, as torch.clamp (min/max would drop it).
+        u = tl.where(u > clip_value, clip_value, tl.where(u < -clip_value, -clip_value, u))
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+        new = w.to(tl.float32) * decay - step * u
+        if w_ptrs.dtype.element_ty == tl.float32:
+            tl.store(w_ptrs, new, mask=mask)
+        elif STOCHASTIC:
+            tl.store(w_ptrs, _round_stochastic(new, flat_index, seed_mix, w_ptrs.dtype.element_ty), mask=mask)
+        else:
+            tl.store(w_ptrs, _round_nearest(new, w_ptrs.dtype.element_ty), mask=mask)
+
+
+# --- kernels ------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["seed_mix"])
+def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, tokens, out_features, in_features,
+                   stride_w_out, stride_w_in, stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
+                   decay, step, inv_loss_scale, clip_value, seed_mix,
+                   NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
+    """One [BLOCK_OUT, BLOCK_IN] tile of ``G = dyᵀx`` per program, finished by ``_finish_tile``."""
+    rows = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    cols = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)
+    row_ok = rows < out_features
+    col_ok = cols < in_features
+    acc = tl.zeros((BLOCK_OUT, BLOCK_IN), dtype=tl.float32)
+    for t0 in range(0, tokens, BLOCK_T):
+        tok = t0 + tl.arange(0, BLOCK_T)
+        tok_ok = tok < tokens
+        tok64 = tok.to(tl.int64)
+        dy = tl.load(dy_ptr + tok64[:, None] * stride_dy_tok + rows[None, :] * stride_dy_out,
+                     mask=tok_ok[:, None] & row_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + tok64[:, None] * stride_x_tok + cols[None, :] * stride_x_in,
+                    mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            dy = dy.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
+    rows64 = rows.to(tl.int64)
+    _finish_tile(acc, w_ptr + rows64[:, None] * stride_w_out + cols[None, :] * stride_w_in,
+                 rows64[:, None] * in_features + cols[None, :], row_ok[:, None] & col_ok[None, :], stats_ptr,
+                 decay, step, inv_loss_scale, clip_value, seed_mix, NORM_ONLY, STOCHASTIC)
+
+
+@triton.jit(do_not_specialize=["seed_mix"])
+def _dense_kernel(p_ptr, g_ptr, stats_ptr, numel, stride_p, stride_g,
+                  decay, step, inv_loss_scale, clip_value, seed_mix,
+                  NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(g_ptr + offs * stride_g, mask=mask, other=0.0).to(tl.float32)
+    _finish_tile(g, p_ptr + offs * stride_p, offs, mask, stats_ptr,
+                 decay, step, inv_loss_scale, clip_value, seed_mix, NORM_ONLY, STOCHASTIC)
+
+
+@triton.jit(do_not_specialize=["seed_mix"])
+def _embedding_rows_kernel(w_ptr, g_ptr, row_of_slot_ptr, slot_of_row_ptr, n_rows, dim,
+                           stride_w_row, stride_w_col, stride_g_row, stride_g_col,
+                           decay, step, inv_loss_scale, clip_value, seed_mix,
+                           ALL_ROWS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                           BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Update embedding rows from ``g`` [slots, dim], the summed gradients of the touched rows.
+
+    ``ALL_ROWS`` (weight decay on): program rows are weight rows 0..n_rows, each finding its slot in
+    ``slot_of_row`` (-1: untouched, gradient 0). Otherwise program rows are slots, each finding its
+    weight row in ``row_of_slot``.
+    """
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    r_ok = r < n_rows
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = r_ok[:, None] & (cols < dim)[None, :]
+    if ALL_ROWS:
+        row = r.to(tl.int64)
+        slot = tl.load(slot_of_row_ptr + r, mask=r_ok, other=-1).to(tl.int64)
+    else:
+        row = tl.load(row_of_slot_ptr + r, mask=r_ok, other=0).to(tl.int64)
+        slot = r.to(tl.int64)
+    g = tl.load(g_ptr + slot[:, None] * stride_g_row + cols[None, :] * stride_g_col,
+                mask=mask & (slot >= 0)[:, None], other=0.0)
+    _finish_tile(g, w_ptr + row[:, None] * stride_w_row + cols[None, :] * stride_w_col,
+                 row[:, None] * dim + cols[None, :], mask, w_ptr,
+                 decay, step, inv_loss_scale, clip_value, seed_mix, False, STOCHASTIC)
+
+
+# --- launch configuration -----------------------------------------------------------------------
+
+# Fixed configurations rather than triton.autotune: autotuning an in-place kernel re-runs it, so it
+# needs a saved copy of W (a weight-sized temporary) to restore, which this design exists to avoid.
+def _gemm_config(operand_dtype: torch.dtype) -> dict:
+    if INTERPRETED:
+        # Small tiles: the interpreter runs each program in numpy, and tests need several partial tiles.
+        return dict(BLOCK_OUT=32, BLOCK_IN=32, BLOCK_T=16)
+    if operand_dtype == torch.float32:
+        return dict(BLOCK_OUT=64, BLOCK_IN=64, BLOCK_T=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_OUT=128, BLOCK_IN=128, BLOCK_T=32, num_warps=8, num_stages=3)
+
+
+_DENSE_BLOCK = 1024
+_EMBEDDING_TILE = 4096  # elements per program
+
+
+def _rule_args(rule: UpdateRule) -> tuple:
+    """The scalar kernel arguments: decay, step, inv_loss_scale, clip_value, mix32(seed)."""
+    return rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value, mix32_int(rule.seed)
+
+
+def _norm_rule(inv_loss_scale: float) -> UpdateRule:
+    return UpdateRule(decay=1.0, step=0.0, inv_loss_scale=inv_loss_scale)
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if not INTERPRETED and t.device.type != "cuda":
+        raise ValueError(f"the triton backend's kernels were built for the GPU (TRITON_INTERPRET was not 1 when "
+                         f"lomo_kernels.kernels.triton_update was imported) and cannot run on {t.device} tensors")
+
+
+# --- the backend interface ----------------------------------------------------------------------
+
+def _linear(w: torch.Tensor | None, x: torch.Tensor, dy: torch.Tensor, stats: torch.Tensor | None,
+            rule: UpdateRule) -> None:
+    """Update ``w`` (``stats`` None) or, in norm-only mode, add to ``stats`` (``w`` None)."""
+    _check_device(x)
+    norm_only = w is None
+    # The kernel takes both pointers; the unused one gets a stand-in it never dereferences.
+    w_strides = (0, 0) if norm_only else w.stride()
+    w, stats = (stats, stats) if norm_only else (w, w)
+    tokens, in_features = x.shape
+    out_features = dy.shape[1]
+    if in_features == 0 or out_features == 0:
+        return
+    # The interpreter's tl.dot is wrong on bf16 operands (numpy has no bf16); fp32 products of bf16 are exact.
+    dot_in_fp32 = INTERPRETED and x.dtype == torch.bfloat16
+    fp32_dot = dot_in_fp32 or x.dtype == torch.float32
+    cfg = _gemm_config(x.dtype)
+    grid = (triton.cdiv(out_features, cfg["BLOCK_OUT"]), triton.cdiv(in_features, cfg["BLOCK_IN"]))
+    _linear_kernel[grid](w, x, dy, stats, tokens, out_features, in_features,
+                         *w_strides, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                         *_rule_args(rule), NORM_ONLY=norm_only,
+                         STOCHASTIC=rule.stochastic and w.dtype != torch.float32, DOT_IN_FP32=dot_in_fp32,
+                         # "ieee": fp32 operands in full precision, not rounded to tf32 (the default).
+                         DOT_PRECISION="ieee" if fp32_dot else "tf32", **cfg, **_NO_FMA)
+
+
+def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule) -> None:
+    _linear(w, x, dy, None, rule)
+
+
+def linear_grad_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float) -> None:
+    _linear(None, x, dy, stats, _norm_rule(inv_loss_scale))
+
+
+def _dense(p: torch.Tensor, g: torch.Tensor, stats: torch.Tensor, rule: UpdateRule, norm_only: bool) -> None:
+    _check_device(g)
+    numel = g.numel()
+    if numel == 0:
+        return
+    _dense_kernel[(triton.cdiv(numel, _DENSE_BLOCK),)](
+        p, g, stats, numel, p.stride(0), g.stride(0), *_rule_args(rule), NORM_ONLY=norm_only,
+        STOCHASTIC=rule.stochastic and p.dtype != torch.float32, BLOCK=_DENSE_BLOCK, **_NO_FMA)
+
+
+def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule) -> None:
+    _dense(p, g, p, rule, norm_only=False)
+
+
+def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: float) -> None:
+    _dense(g, g, stats, _norm_rule(inv_loss_scale), norm_only=True)
+
+
+def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int,
+                     rule: UpdateRule) -> None:
+    _check_device(w)
+    vocab, dim = w.shape
+    rows, g = _row_gradients(idx, dy, padding_idx)  # g: fp32 [touched rows, dim], duplicates summed
+    all_rows = rule.decay != 1.0  # weight decay reaches every row, touched or not, as in the reference
+    if all_rows:
+        slot_of_row = torch.full((vocab,), -1, dtype=torch.int32, device=w.device)
+        slot_of_row[rows] = torch.arange(rows.numel(), dtype=torch.int32, device=w.device)
+        row_of_slot, n_rows = slot_of_row, vocab  # row_of_slot unused with ALL_ROWS
+    else:
+        row_of_slot, slot_of_row, n_rows = rows, rows, rows.numel()  # slot_of_row unused
+    if n_rows == 0 or dim == 0:
+        return
+    block_d = min(256, triton.next_power_of_2(dim))
+    block_rows = max(1, _EMBEDDING_TILE // block_d)
+    grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(dim, block_d))
+    _embedding_rows_kernel[grid](w, g, row_of_slot, slot_of_row, n_rows, dim,
+                                 w.stride(0), w.stride(1), g.stride(0), g.stride(1), *_rule_args(rule),
+                                 ALL_ROWS=all_rows, STOCHASTIC=rule.stochastic and w.dtype != torch.float32,
+                                 BLOCK_ROWS=block_rows, BLOCK_D=block_d, **_NO_FMA)
+
+
+def embedding_grad_sqnorm(stats: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int,
+                          inv_loss_scale: float) -> None:
+    _, g = _row_gradients(idx, dy, padding_idx)
+    dense_grad_sqnorm(stats, g.view(-1), inv_loss_scale)
