@@ -1,9 +1,25 @@
 """``FusedOptimizer``: the machinery shared by ``Lomo`` and ``AdaLomo``.
 
 It patches the model (lomo_kernels.patch), so the update happens inside ``loss.backward()``, and
-runs LOMO's two-phase protocol when exact global-norm clipping is on: ``grad_norm(loss)`` is a
-backward pass in norm-only mode (no weight written, no gradient tensor kept, one host sync at the
-end), ``fused_backward(loss, lr)`` is the backward pass that applies the clipped update.
+runs LOMO's two-phase protocol when it is needed:
+
+* ``grad_norm(loss)``: a backward pass in norm-only mode. No weight is written and no gradient
+  tensor is kept; every fused site adds ``[‖g‖², count of non-finite entries]`` to a small device
+  buffer, synced to the host once at the end. It keeps the graph for the second pass.
+* ``fused_backward(loss, lr)``: the backward pass that applies the (clipped) update.
+
+The norm phase is needed for exact global-norm clipping (``clip_grad_norm``) and, with fp16
+weights, to find an overflow *before* any weight changes. ``fused_backward`` runs it by itself when
+it is needed and ``grad_norm`` was not called for this loss (lomo-optim instead raises, or for fp16
+silently turns clipping on at 1.0); calling ``grad_norm`` first, as lomo-optim users do, still works.
+
+When the norm phase finds a non-finite gradient the step is skipped as a whole: no weight is
+touched, the fp16 loss scale (if any) is lowered, ``skipped_step`` is True and ``fused_backward``
+only frees the graph (a backward pass whose updates are no-ops).
+
+Per-parameter rules are small overridable methods, one per kind of site and phase:
+``linear_apply`` / ``embedding_apply`` / ``dense_apply`` (subclasses) and ``linear_norm`` /
+``embedding_norm`` / ``dense_norm`` (here: the norm of ``g / loss_scale``, the same for every rule).
 """
 from __future__ import annotations
 
@@ -12,8 +28,11 @@ import math
 import torch
 from torch import nn
 
+from .. import ops
 from ..ops._common import ROUNDINGS, mix32_int
 from ..patch import check_no_stray_gradients, patch, unpatch
+
+STATE_FORMAT = 1
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -42,13 +61,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.step_count = 0
         self.phase = "apply"
         self.clip_coef = 1.0
+        # fp16 weights overflow easily: their steps always get a norm phase to catch it before any write.
+        self.checks_overflow = any(p.dtype == torch.float16 for p in params)
         self._fresh_norm = False
+        self._overflow = False
         self._norm_stats: dict[torch.device, torch.Tensor] = {}
         self._param_index = {id(p): i for i, p in enumerate(model.parameters())}
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         self._calls: dict[int, int] = {}
         self.last_grad_norm: float | None = None
         self.skipped_step = False
+        self.skipped_steps = 0
         self.handle = patch(model, self)
 
     # --- scalars the subclasses' rules use -------------------------------------------------------
@@ -84,6 +107,51 @@ class FusedOptimizer(torch.optim.Optimizer):
             stats = self._norm_stats[param.device] = torch.zeros(2, dtype=torch.float32, device=param.device)
         return stats
 
+    # --- the Updater protocol (lomo_kernels.patch): dispatch on the phase --------------------------
+
+    def linear(self, param, x, dy, *, apply_decay=True):
+        if self.phase == "norm":
+            self.linear_norm(param, x, dy)
+        elif self.phase == "apply":
+            self.linear_apply(param, x, dy, apply_decay=apply_decay)
+
+    def embedding(self, param, indices, dy, padding_idx, *, apply_decay=True):
+        if self.phase == "norm":
+            self.embedding_norm(param, indices, dy, padding_idx)
+        elif self.phase == "apply":
+            self.embedding_apply(param, indices, dy, padding_idx, apply_decay=apply_decay)
+
+    def dense(self, param, grad, *, apply_decay=True):
+        if self.phase == "norm":
+            self.dense_norm(param, grad)
+        elif self.phase == "apply":
+            self.dense_apply(param, grad, apply_decay=apply_decay)
+
+    def sums_contributions(self) -> bool:
+        # A skipped step's backward only frees the graph: no tied-weight buffer needed.
+        return self.phase == "skip"
+
+    def linear_norm(self, param, x, dy):
+        ops.linear_grad_sqnorm_(self._stats_for(param), param, x, dy, loss_scale=self.loss_scale,
+                                backend=self.backend, name=self._name(param))
+
+    def embedding_norm(self, param, indices, dy, padding_idx):
+        ops.embedding_grad_sqnorm_(self._stats_for(param), param, indices, dy, loss_scale=self.loss_scale,
+                                   padding_idx=padding_idx, backend=self.backend, name=self._name(param))
+
+    def dense_norm(self, param, grad):
+        ops.dense_grad_sqnorm_(self._stats_for(param), param, grad, loss_scale=self.loss_scale,
+                               backend=self.backend, name=self._name(param))
+
+    def linear_apply(self, param, x, dy, *, apply_decay=True):
+        raise NotImplementedError
+
+    def embedding_apply(self, param, indices, dy, padding_idx, *, apply_decay=True):
+        raise NotImplementedError
+
+    def dense_apply(self, param, grad, *, apply_decay=True):
+        raise NotImplementedError
+
     # --- the protocol ----------------------------------------------------------------------------
 
     def _check_lr(self, lr):
@@ -104,43 +172,68 @@ class FusedOptimizer(torch.optim.Optimizer):
         (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward(retain_graph=retain_graph)
         check_no_stray_gradients(self.handle)
 
-    def grad_norm(self, loss: torch.Tensor) -> float:
-        """Norm phase: a backward pass that only measures ``‖g‖`` (weights untouched); keeps the graph
-        for ``fused_backward``. Returns the global gradient norm (of the unscaled gradient)."""
-        self._norm_stats.clear()
-        self.phase = "norm"
+    def _run_phase(self, phase: str, loss: torch.Tensor, retain_graph: bool) -> None:
+        self.phase = phase
         try:
-            self._backward(loss, retain_graph=True)
+            self._backward(loss, retain_graph=retain_graph)
         finally:
             self.phase = "apply"
+
+    @property
+    def needs_norm_phase(self) -> bool:
+        """True when every step needs ``grad_norm`` first: global-norm clipping, or fp16 overflow checks."""
+        return self.clip_grad_norm is not None or self.checks_overflow
+
+    def grad_norm(self, loss: torch.Tensor) -> float:
+        """Norm phase: a backward pass that only measures ``‖g‖`` (weights untouched); keeps the graph
+        for ``fused_backward``. Returns the global norm of the unscaled gradient, ``inf`` when some
+        gradient entry is not finite (the coming ``fused_backward`` then skips the step)."""
+        self._norm_stats.clear()
+        self._run_phase("norm", loss, retain_graph=True)
         total = torch.stack([s.to(torch.float64).cpu() for s in self._norm_stats.values()]).sum(0) \
             if self._norm_stats else torch.zeros(2, dtype=torch.float64)
         sq, nonfinite = total.tolist()  # the one host sync of the step
-        norm = math.sqrt(sq) if nonfinite == 0 and math.isfinite(sq) else math.inf
+        self._overflow = nonfinite != 0 or not math.isfinite(sq)
+        norm = math.inf if self._overflow else math.sqrt(sq)
         self.last_grad_norm = norm
         self._fresh_norm = True
-        self._after_norm(norm)
+        if self._overflow:
+            self.clip_coef = 1.0
+            self._on_overflow()
+        elif self.clip_grad_norm is not None:
+            # lomo-optim's clip coefficient
+            self.clip_coef = min(1.0, float(self.clip_grad_norm) / (norm + 1e-6))
         return norm
 
-    def _after_norm(self, norm: float) -> None:
-        """lomo-optim's clip coefficient: min(1, max_norm / (norm + 1e-6))."""
-        if self.clip_grad_norm is not None and math.isfinite(norm):
-            self.clip_coef = min(1.0, float(self.clip_grad_norm) / (norm + 1e-6))
-        else:
-            self.clip_coef = 1.0
+    def _on_overflow(self) -> None:
+        """Called by ``grad_norm`` when the gradient is not finite (the loss scaler lowers its scale)."""
+
+    def _on_step_applied(self) -> None:
+        """Called after a step was applied (the loss scaler counts a clean step)."""
 
     def fused_backward(self, loss: torch.Tensor, lr: float | None = None) -> None:
-        """Backward pass that applies the update as it goes; ``lr`` overrides ``param_groups[0]["lr"]``."""
+        """Backward pass that applies the update as it goes; ``lr`` overrides ``param_groups[0]["lr"]``.
+
+        Runs ``grad_norm(loss)`` first if this step needs a norm phase (``needs_norm_phase``) and it
+        was not called. Sets ``skipped_step`` (True when a non-finite gradient skipped the step).
+        """
         lr = self._check_lr(lr)
-        if self.clip_grad_norm is not None and not self._fresh_norm:
-            raise ValueError("clip_grad_norm is set: call optimizer.grad_norm(loss) before "
-                             "optimizer.fused_backward(loss, lr) at every step")
+        if self.needs_norm_phase and not self._fresh_norm:
+            self.grad_norm(loss)
         self.param_groups[0]["lr"] = lr
-        self.skipped_step = False
-        self._backward(loss, retain_graph=False)
-        self._fresh_norm = False
-        self.clip_coef = 1.0
-        self.step_count += 1
+        self.skipped_step = self._fresh_norm and self._overflow
+        try:
+            if self.skipped_step:
+                self._run_phase("skip", loss, retain_graph=False)  # frees the graph kept by grad_norm
+                self.skipped_steps += 1
+            else:
+                self._run_phase("apply", loss, retain_graph=False)
+                self.step_count += 1
+                self._on_step_applied()
+        finally:
+            self._fresh_norm = False
+            self._overflow = False
+            self.clip_coef = 1.0
 
     def step(self, closure=None):
         """No-op: the update was applied during ``fused_backward``. Present for Trainer/scheduler code."""
@@ -149,9 +242,51 @@ class FusedOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No-op: fused parameters never hold a gradient."""
 
-    def sums_contributions(self) -> bool:
-        return False
-
     def unpatch(self) -> None:
         """Restore the model's modules and hooks; this optimizer can no longer train it."""
         unpatch(self.model)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def _named_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-parameter tensors to checkpoint, keyed by parameter name (subclasses with state)."""
+        return {}
+
+    def _load_named_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no per-parameter state, but the checkpoint has some "
+                             f"for {sorted(state)[:3]}...")
+
+    def _scaler_state(self):
+        return None
+
+    def _load_scaler_state(self, state) -> None:
+        if state is not None:
+            raise ValueError(f"{type(self).__name__} has no loss scaler here, but the checkpoint has its state")
+
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs. Per-parameter state is keyed by parameter *name* (not by
+        position as in ``torch.optim``), so a checkpoint loads into a freshly built model. Holds only
+        tensors, numbers, strings and dicts: loadable with ``torch.load(..., weights_only=True)``."""
+        return {"format": STATE_FORMAT, "optimizer": type(self).__name__, "step": self.step_count,
+                "seed": self.seed, "skipped_steps": self.skipped_steps,
+                "param_groups": [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups],
+                "loss_scaler": self._scaler_state(),
+                "state": {name: {k: t.detach().clone() for k, t in entry.items()}
+                          for name, entry in self._named_state().items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            raise ValueError("not a lomo_kernels optimizer checkpoint (missing or unknown 'format')")
+        if state_dict["optimizer"] != type(self).__name__:
+            raise ValueError(f"checkpoint is from {state_dict['optimizer']}, cannot load it into {type(self).__name__}")
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"checkpoint has {len(state_dict['param_groups'])} param groups, "
+                             f"this optimizer {len(self.param_groups)}")
+        self._load_named_state(state_dict["state"])
+        self._load_scaler_state(state_dict["loss_scaler"])
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved)
+        self.step_count = int(state_dict["step"])
+        self.seed = int(state_dict["seed"])
+        self.skipped_steps = int(state_dict["skipped_steps"])

@@ -1,10 +1,12 @@
 """``Lomo``: SGD with the update fused into the backward pass; a drop-in for ``lomo_optim.Lomo``."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .. import ops
 from .base import FusedOptimizer
+from .loss_scaler import DynamicLossScaler
 
 
 class Lomo(FusedOptimizer):
@@ -15,8 +17,14 @@ class Lomo(FusedOptimizer):
 
         opt = Lomo(model, lr=1e-3, clip_grad_norm=1.0)
         loss = model(**batch).loss
-        opt.grad_norm(loss)            # only with clip_grad_norm (or fp16)
+        opt.grad_norm(loss)            # optional: fused_backward runs it when clipping/fp16 need it
         opt.fused_backward(loss, lr)   # backward + update; no optimizer.step()
+
+    fp16: when a trainable parameter is float16, a ``DynamicLossScaler(**loss_scale_args)`` scales
+    the loss (lomo-optim decides by the *loss* dtype, which Hugging Face models compute in fp32, so
+    there it never scales). Every step then has a norm phase that finds an overflow before any
+    weight changes; the step is skipped (``skipped_step``), the scale lowered, and raised again after
+    ``scale_window`` clean steps. Unlike lomo-optim, ``clip_grad_norm=None`` stays "no clipping".
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, clip_grad_norm: float | None = None,
@@ -30,33 +38,44 @@ class Lomo(FusedOptimizer):
                                      weight_decay=weight_decay),
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
                          rounding=rounding, seed=seed)
+        self.loss_scaler = DynamicLossScaler(**self.loss_scale_args) if self.checks_overflow else None
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.loss_scale if self.loss_scaler is not None else 1.0
+
+    def _on_overflow(self) -> None:
+        if self.loss_scaler is not None:
+            self.loss_scaler.update_scale(overflow=True)
+
+    def _on_step_applied(self) -> None:
+        if self.loss_scaler is not None:
+            self.loss_scaler.update_scale(overflow=False)
+
+    def _scaler_state(self):
+        return self.loss_scaler.state_dict() if self.loss_scaler is not None else None
+
+    def _load_scaler_state(self, state) -> None:
+        if (state is None) != (self.loss_scaler is None):
+            raise ValueError("checkpoint and optimizer disagree on fp16 loss scaling (one has a loss scaler, "
+                             "the other not): were the weights saved in another dtype?")
+        if state is not None:
+            self.loss_scaler.load_state_dict(state)
 
     def sums_contributions(self) -> bool:
-        return self.phase == "apply" and self.clip_grad_value is None
+        return super().sums_contributions() or (self.phase == "apply" and self.clip_grad_value is None)
 
-    def _rule(self, param, apply_decay):
+    def _rule(self, param: torch.Tensor, apply_decay: bool) -> dict:
         return dict(lr=self.lr, weight_decay=self.weight_decay if apply_decay else 0.0, coef=self.clip_coef,
                     loss_scale=self.loss_scale, clip_value=self.clip_grad_value,
                     rounding=self._rounding_for(param), seed=self._seed_for(param), backend=self.backend,
                     name=self._name(param))
 
-    def linear(self, param, x, dy, *, apply_decay=True):
-        if self.phase == "norm":
-            ops.linear_grad_sqnorm_(self._stats_for(param), param, x, dy, loss_scale=self.loss_scale,
-                                    backend=self.backend, name=self._name(param))
-        else:
-            ops.linear_update_(param, x, dy, **self._rule(param, apply_decay))
+    def linear_apply(self, param, x, dy, *, apply_decay=True):
+        ops.linear_update_(param, x, dy, **self._rule(param, apply_decay))
 
-    def embedding(self, param, indices, dy, padding_idx, *, apply_decay=True):
-        if self.phase == "norm":
-            ops.embedding_grad_sqnorm_(self._stats_for(param), param, indices, dy, loss_scale=self.loss_scale,
-                                       padding_idx=padding_idx, backend=self.backend, name=self._name(param))
-        else:
-            ops.embedding_update_(param, indices, dy, padding_idx=padding_idx, **self._rule(param, apply_decay))
+    def embedding_apply(self, param, indices, dy, padding_idx, *, apply_decay=True):
+        ops.embedding_update_(param, indices, dy, padding_idx=padding_idx, **self._rule(param, apply_decay))
 
-    def dense(self, param, grad, *, apply_decay=True):
-        if self.phase == "norm":
-            ops.dense_grad_sqnorm_(self._stats_for(param), param, grad, loss_scale=self.loss_scale,
-                                   backend=self.backend, name=self._name(param))
-        else:
-            ops.dense_update_(param, grad, **self._rule(param, apply_decay))
+    def dense_apply(self, param, grad, *, apply_decay=True):
+        ops.dense_update_(param, grad, **self._rule(param, apply_decay))
