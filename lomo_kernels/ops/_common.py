@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -108,11 +109,14 @@ def check_activation(t: torch.Tensor, w: torch.Tensor, label: str, name: str) ->
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    if a.device.type == "meta" or is_fake(a) or is_fake(b):
+        return False  # no storage to compare while tracing (FakeTensorMode, torch.compile)
+    # storage identity and offsets rather than data pointers: fake tensors (FakeTensorMode) all have pointer 0
+    if a.untyped_storage()._cdata != b.untyped_storage()._cdata:
         return False
-    a0, a1 = a.data_ptr(), a.data_ptr() + a.numel() * a.element_size()
-    b0, b1 = b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()
-    return a0 < b1 and b0 < a1
+    a0 = a.storage_offset() * a.element_size()
+    b0 = b.storage_offset() * b.element_size()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def check_stats(stats: torch.Tensor, w: torch.Tensor, name: str) -> None:
