@@ -1,0 +1,215 @@
+// Per-element math of every fused update, shared by the CPU (g++) and CUDA (nvcc) kernels.
+//
+// This is lomo_kernels/ops/_common.py written once in C++: the update rule, nearest-even rounding to
+// bf16/fp16, the counter-based stochastic rounding and the norm terms. The CPU build is tested to be
+// bit-identical to the torch reference, so the GPU runs math that is tested on every CI run.
+//
+// Bit-exactness needs every float operation rounded on its own (no fused multiply-add): device code
+// uses the explicit __fmul_rn/__fsub_rn/__fdiv_rn intrinsics, host code is compiled with
+// -ffp-contract=off. bf16/fp16 values are raw uint16 bits here, so no CUDA or torch header is needed.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__)
+#define LOMO_HD __host__ __device__ __forceinline__
+#else
+#define LOMO_HD inline
+#endif
+
+namespace lomo {
+
+// ---- float bits and IEEE single operations, each rounded to nearest-even ------------------------
+
+LOMO_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+LOMO_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+LOMO_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+LOMO_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+LOMO_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// Bit tests rather than std::isnan/isfinite: identical on host and device, immune to -ffast-math.
+LOMO_HD bool is_nan(float f) { return (float_bits(f) & 0x7fffffffu) > 0x7f800000u; }
+LOMO_HD bool is_finite(float f) { return (float_bits(f) & 0x7f800000u) != 0x7f800000u; }
+LOMO_HD float abs_f(float f) { return bits_float(float_bits(f) & 0x7fffffffu); }
+
+// ---- the counter-based uniform -------------------------------------------------------------------
+
+// Wellons' "lowbias32" integer hash.
+LOMO_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Uniform in [0, 1) for the element at flat index `flat_index` of a weight; `seed_hash` is mix32(seed),
+// computed once per call. The 24-bit value times 2**-24 is exact in fp32.
+LOMO_HD float uniform_from_index(uint64_t flat_index, uint32_t seed_hash) {
+  const uint32_t r = mix32(static_cast<uint32_t>(flat_index) ^ seed_hash);
+  return static_cast<float>(r >> 8) * 5.9604644775390625e-08f;  // 2**-24
+}
+
+// ---- 16-bit float formats, as raw bits ------------------------------------------------------------
+
+struct bf16 {
+  uint16_t bits;
+};
+struct fp16 {
+  uint16_t bits;
+};
+
+LOMO_HD float to_float(float v) { return v; }
+LOMO_HD float to_float(bf16 v) { return bits_float(static_cast<uint32_t>(v.bits) << 16); }
+
+LOMO_HD float to_float(fp16 v) {
+  const uint32_t sign = static_cast<uint32_t>(v.bits & 0x8000u) << 16;
+  const uint32_t exponent = (v.bits >> 10) & 0x1fu;
+  const uint32_t mantissa = v.bits & 0x3ffu;
+  if (exponent == 0x1fu) return bits_float(sign | 0x7f800000u | (mantissa << 13));  // inf / nan
+  if (exponent != 0) return bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  // zero or subnormal: mantissa * 2**-24, exact in fp32
+  const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-08f;
+  return bits_float(sign | float_bits(magnitude));
+}
+
+// Round-to-nearest-even float -> bf16. NaN becomes the canonical 0x7fc0 (as c10::BFloat16).
+LOMO_HD bf16 bf16_nearest(float f) {
+  const uint32_t u = float_bits(f);
+  if (is_nan(f)) return bf16{0x7fc0u};
+  const uint32_t rounding_bias = 0x7fffu + ((u >> 16) & 1u);
+  return bf16{static_cast<uint16_t>((u + rounding_bias) >> 16)};
+}
+
+// Round-to-nearest-even float -> fp16 (overflow to inf, gradual underflow). NaN becomes a quiet NaN
+// that keeps the sign (as c10::Half).
+LOMO_HD fp16 fp16_nearest(float f) {
+  const uint32_t u = float_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t mag = u & 0x7fffffffu;
+  if (mag > 0x7f800000u) return fp16{static_cast<uint16_t>(sign | 0x7e00u)};
+  if (mag >= 0x477ff000u) return fp16{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520 rounds to inf
+  uint32_t kept, dropped, half;
+  if (mag >= 0x38800000u) {  // normal fp16: rebias the exponent, drop 13 mantissa bits
+    const uint32_t rebiased = mag - 0x38000000u;
+    kept = rebiased >> 13;
+    dropped = rebiased & 0x1fffu;
+    half = 0x1000u;
+  } else {
+    if (mag < 0x33000000u) return fp16{sign};  // below half the smallest subnormal (2**-25)
+    // subnormal fp16: value = significand * 2**(e-150); in units of 2**-24 that is significand >> (126-e)
+    const uint32_t shift = 126u - (mag >> 23);
+    const uint32_t significand = (mag & 0x7fffffu) | 0x800000u;
+    kept = significand >> shift;
+    dropped = significand & ((1u << shift) - 1u);
+    half = 1u << (shift - 1u);
+  }
+  if (dropped > half || (dropped == half && (kept & 1u))) ++kept;  // a carry moves into the exponent
+  return fp16{static_cast<uint16_t>(sign | kept)};
+}
+
+LOMO_HD bf16 round_nearest(float v, bf16) { return bf16_nearest(v); }
+LOMO_HD fp16 round_nearest(float v, fp16) { return fp16_nearest(v); }
+
+// Counter-based stochastic rounding of fp32 `v` into the 16-bit format T (bf16 or fp16), exactly as
+// round_stochastic in _common.py: between the neighbours lo <= |v| < hi, round up with probability
+// (|v| - lo) / (hi - lo). Representable and non-finite values, and values whose upper neighbour
+// would be infinite, take the nearest rounding.
+template <class T>
+LOMO_HD T round_stochastic(float v, float uniform) {
+  const T near = round_nearest(v, T{});
+  const float mag = abs_f(v);
+  const float near_mag = abs_f(to_float(near));
+  if (near_mag == mag || !is_finite(v)) return near;
+  // In sign-magnitude formats bits - 1 / bits + 1 step the magnitude down / up.
+  const T lo{static_cast<uint16_t>(near_mag > mag ? near.bits - 1u : near.bits)};
+  const T hi{static_cast<uint16_t>(lo.bits + 1u)};
+  const float lo_mag = abs_f(to_float(lo));
+  const float hi_mag = abs_f(to_float(hi));
+  if (!is_finite(hi_mag)) return near;
+  const float p = div_rn(sub_rn(mag, lo_mag), sub_rn(hi_mag, lo_mag));
+  return uniform < p ? hi : lo;
+}
+
+// ---- the update rule ------------------------------------------------------------------------------
+
+// The fp32 scalars of one update (UpdateRule in _common.py, each double rounded to float once, as
+// torch does for a Python scalar). clip_value is +inf when there is no value clipping.
+struct Rule {
+  float decay;
+  float step;
+  float inv_loss_scale;
+  float clip_value;
+  bool stochastic;
+  uint32_t seed_hash;  // mix32(seed)
+};
+
+// torch.clamp semantics: NaN passes through.
+LOMO_HD float clamp_nan(float u, float bound) {
+  if (is_nan(u)) return u;
+  const float lower = u < -bound ? -bound : u;
+  return bound < lower ? bound : lower;
+}
+
+// w_new = w*decay - step*clamp(g*inv_loss_scale, ±clip_value), every product rounded to fp32.
+LOMO_HD float updated_value(float w, float g, const Rule& rule) {
+  const float u = clamp_nan(mul_rn(g, rule.inv_loss_scale), rule.clip_value);
+  return sub_rn(mul_rn(w, rule.decay), mul_rn(rule.step, u));
+}
+
+LOMO_HD float store_rounded(float v, uint64_t, const Rule&, float) { return v; }
+
+template <class T>
+LOMO_HD T store_rounded(float v, uint64_t flat_index, const Rule& rule, T) {
+  return rule.stochastic ? round_stochastic<T>(v, uniform_from_index(flat_index, rule.seed_hash))
+                         : round_nearest(v, T{});
+}
+
+// Update one weight element in place from its fp32 gradient entry `g`; `flat_index` is the
+// element's flat index in the whole weight (it seeds stochastic rounding).
+template <class T>
+LOMO_HD void update_element(T* w, float g, uint64_t flat_index, const Rule& rule) {
+  *w = store_rounded(updated_value(to_float(*w), g, rule), flat_index, rule, T{});
+}
+
+}  // namespace lomo

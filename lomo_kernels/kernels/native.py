@@ -1,0 +1,90 @@
+"""The ``cpu`` and ``cuda`` backends: the compiled kernels of ``lomo_kernels._C`` (sources in ``csrc/``).
+
+Importing ``_C`` registers the ops ``torch.ops.lomo_kernels_C.*`` with a CPU kernel (C++/OpenMP over
+ATen's GEMM) and, in a CUDA build, a CUDA kernel; torch's dispatcher picks the one matching the
+tensors' device. The CUDA kernels run on the stream passed here (the current torch stream of the
+weight's device), because the torch ``_C`` is built against may have no CUDA support of its own.
+
+The six functions take the same arguments as ``lomo_kernels.kernels.reference``, already checked and
+flattened by ``lomo_kernels.ops``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+
+from ..backends import BackendInfo
+from ..ops._common import UpdateRule
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[ModuleType | None, str]:
+    """``(module, "")``, or ``(None, why)`` when ``lomo_kernels._C`` cannot be imported."""
+    try:
+        return importlib.import_module("lomo_kernels._C"), ""
+    except ImportError as exc:
+        return None, f"lomo_kernels._C is not built or does not load ({exc})"
+
+
+def backend_info(name: str) -> BackendInfo:
+    module, why = _load()
+    if module is None:
+        return BackendInfo(False, why)
+    build = module.build_info()
+    if name == "cpu":
+        return BackendInfo(True, "compiled C++ kernels " + ("with OpenMP" if build["openmp"] else "without OpenMP"))
+    if name != "cuda":
+        raise ValueError(f"the native module provides the 'cpu' and 'cuda' backends, not {name!r}")
+    if not build["cuda"]:
+        return BackendInfo(False, f"built without CUDA ({build['no_cuda_reason']})")
+    if not torch.cuda.is_available():
+        return BackendInfo(False, "no CUDA device")
+    archs = sorted(int(a) for a in build["cuda_archs"].split(","))
+    major, minor = torch.cuda.get_device_capability()
+    if 10 * major + minor < archs[0]:
+        # Newer GPUs JIT the embedded PTX; older ones than the oldest target cannot run it at all.
+        return BackendInfo(False, f"the GPU is sm_{major}{minor}, older than the oldest compiled target sm_{archs[0]}")
+    return BackendInfo(True, f"compiled CUDA kernels for sm_{{{build['cuda_archs']}}}")
+
+
+def _ops():
+    module, why = _load()
+    if module is None:
+        raise RuntimeError(why)
+    return torch.ops.lomo_kernels_C
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
+
+
+def _rule_args(rule: UpdateRule) -> tuple:
+    return (rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed)
+
+
+def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule) -> None:
+    _ops().linear_update(w, x, dy, *_rule_args(rule), _stream(w))
+
+
+def linear_grad_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float) -> None:
+    _ops().linear_grad_sqnorm(stats, x, dy, inv_loss_scale, _stream(stats))
+
+
+def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int, rule: UpdateRule) -> None:
+    _ops().embedding_update(w, idx, dy, padding_idx, *_rule_args(rule), _stream(w))
+
+
+def embedding_grad_sqnorm(stats: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int,
+                          inv_loss_scale: float) -> None:
+    _ops().embedding_grad_sqnorm(stats, idx, dy, padding_idx, inv_loss_scale, _stream(stats))
+
+
+def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule) -> None:
+    _ops().dense_update(p, g, *_rule_args(rule), _stream(p))
+
+
+def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: float) -> None:
+    _ops().dense_grad_sqnorm(stats, g, inv_loss_scale, _stream(stats))
