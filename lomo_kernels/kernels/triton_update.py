@@ -62,11 +62,21 @@ def _mix32(x):
 
 
 @triton.jit
+def _widen(v):
+    """``v`` (fp32/bf16/fp16) as fp32, exactly."""
+    if v.dtype == tl.bfloat16:
+        # bf16 is the top half of an fp32. By bits because the interpreter's bf16->fp32 cast loses subnormals.
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
 def _round_nearest(v, DTYPE: tl.constexpr):
     """fp32 ``v`` rounded to nearest-even in bf16/fp16 ``DTYPE``."""
     if DTYPE == tl.bfloat16:
-        # By integer arithmetic (as c10::BFloat16): the interpreter's fp32->bf16 cast truncates, and one
-        # path for GPU and interpreter keeps the GPU rounding the one the tests check.
+        # By integer arithmetic (as c10::BFloat16): the interpreter's fp32->bf16 cast truncates (and
+        # mishandles subnormals); one path for GPU and interpreter keeps the GPU rounding the tested one.
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return tl.where(v != v, 0x7FC0, bits).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -79,14 +89,14 @@ def _round_stochastic(v, flat_index, seed_mix, DTYPE: tl.constexpr):
     """fp32 ``v`` rounded to bf16/fp16 ``DTYPE`` exactly as ``_common.round_stochastic``."""
     near = _round_nearest(v, DTYPE)
     mag = tl.abs(v)
-    near_mag = tl.abs(near.to(tl.float32))
+    near_mag = tl.abs(_widen(near))
     bits = near.to(tl.int16, bitcast=True).to(tl.int32)
     # In sign-magnitude formats, bits+1 / bits-1 step the magnitude up / down.
     lo_bits = tl.where(near_mag > mag, bits - 1, bits)
     lo = lo_bits.to(tl.int16).to(DTYPE, bitcast=True)
     hi = (lo_bits + 1).to(tl.int16).to(DTYPE, bitcast=True)
-    lo_mag = tl.abs(lo.to(tl.float32))
-    hi_mag = tl.abs(hi.to(tl.float32))
+    lo_mag = tl.abs(_widen(lo))
+    hi_mag = tl.abs(_widen(hi))
     # div_rn: `/` on fp32 is an approximate division on the GPU; the reference divides exactly.
     p = tl.math.div_rn(mag - lo_mag, hi_mag - lo_mag)
     r = _mix32((flat_index ^ seed_mix).to(tl.uint32))
@@ -113,7 +123,7 @@ def _finish_tile(g, w_ptrs, flat_index, mask, stats_ptr, decay, step, inv_loss_s
         # Written with comparisons so a NaN passes through, as torch.clamp (min/max would drop it).
         u = tl.where(u > clip_value, clip_value, tl.where(u < -clip_value, -clip_value, u))
         w = tl.load(w_ptrs, mask=mask, other=0.0)
-        new = w.to(tl.float32) * decay - step * u
+        new = _widen(w) * decay - step * u
         if w_ptrs.dtype.element_ty == tl.float32:
             tl.store(w_ptrs, new, mask=mask)
         elif STOCHASTIC:
@@ -146,8 +156,8 @@ def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, tokens, out_features, in_fea
         x = tl.load(x_ptr + tok64[:, None] * stride_x_tok + cols[None, :] * stride_x_in,
                     mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
         if DOT_IN_FP32:
-            dy = dy.to(tl.float32)
-            x = x.to(tl.float32)
+            dy = _widen(dy)
+            x = _widen(x)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
     rows64 = rows.to(tl.int64)
     _finish_tile(acc, w_ptr + rows64[:, None] * stride_w_out + cols[None, :] * stride_w_in,
@@ -161,7 +171,7 @@ def _dense_kernel(p_ptr, g_ptr, stats_ptr, numel, stride_p, stride_g,
                   NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    g = tl.load(g_ptr + offs * stride_g, mask=mask, other=0.0).to(tl.float32)
+    g = _widen(tl.load(g_ptr + offs * stride_g, mask=mask, other=0.0))
     _finish_tile(g, p_ptr + offs * stride_p, offs, mask, stats_ptr,
                  decay, step, inv_loss_scale, clip_value, seed_mix, NORM_ONLY, STOCHASTIC)
 
