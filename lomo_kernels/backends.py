@@ -62,6 +62,7 @@ def _interpreting_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@torch.compiler.assume_constant_result  # a pure function of installation and device: fold it when compiling
 def resolve(requested: str, device: torch.device) -> str:
     """The backend that runs a call on tensors of ``device``; raises if ``requested`` cannot."""
     if requested == "auto":

@@ -109,7 +109,7 @@ def check_activation(t: torch.Tensor, w: torch.Tensor, label: str, name: str) ->
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
-    if a.device.type == "meta" or is_fake(a) or is_fake(b):
+    if torch.compiler.is_compiling() or a.device.type == "meta" or is_fake(a) or is_fake(b):
         return False  # no storage to compare while tracing (FakeTensorMode, torch.compile)
     # storage identity and offsets rather than data pointers: fake tensors (FakeTensorMode) all have pointer 0
     if a.untyped_storage()._cdata != b.untyped_storage()._cdata:

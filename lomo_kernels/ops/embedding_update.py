@@ -7,6 +7,7 @@ exactly as ``torch.optim.SGD`` on a dense embedding gradient would.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import backends
 from ._common import UpdateRule, check_activation, check_stats, check_weight
@@ -53,7 +54,8 @@ def _flatten(weight, indices, grad_out, padding_idx, name):
     elif padding_idx < 0:
         padding_idx += weight.shape[0]
     idx = indices.reshape(-1).to(torch.int64).contiguous()
-    if idx.numel() and bool(((idx < 0) | (idx >= weight.shape[0])).any()):
+    # One host sync per call: an out-of-range row must fail here, before any write, not as a device assert.
+    if idx.numel() and not torch.compiler.is_compiling() and not is_fake(idx) and bool(((idx < 0) | (idx >= weight.shape[0])).any()):
         raise IndexError(f"{name}: indices must lie in [0, {weight.shape[0]})")
     return idx, grad_out.reshape(-1, weight.shape[1]).contiguous(), padding_idx
 
