@@ -1,0 +1,135 @@
+"""Options of ``lomo-kernels train`` and the config-file loader (a config file's keys are option names)."""
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+from ..ops._common import BACKENDS
+from ..training.errors import UsageError
+from ..training.optimizers import OPTIMIZERS
+from ..training.presets import PRESETS
+from ..training.trainer import DTYPES, SCHEDULES
+
+DESCRIPTION = """\
+Full-parameter fine-tuning of a causal language model, with the optimizer update fused into the
+backward pass (LOMO / AdaLomo) or a baseline optimizer for comparison.
+
+With no options it trains the built-in "small" model on the Python standard library's own source
+files for a few minutes on a CPU, and prints where its outputs are."""
+
+EPILOG = """\
+data formats: a .jsonl file holds one JSON object per line, either {"text": ...} or
+{"prompt": ..., "completion": ...} (the loss is then taken on the completion only); any other file
+is plain text (one document per file); a directory is read recursively.
+
+examples:
+  lomo-kernels train
+  lomo-kernels train --model ./my-llama --data train.jsonl --dtype bf16 --lr 1e-2 --output runs/ft
+  lomo-kernels train --output runs/ft --resume --steps 2000
+  lomo-kernels train --config run.yaml --optimizer adamw --lr 1e-3
+
+exit status: 0 done, 2 bad input (nothing written), 3 the loss became NaN/inf (the last good
+checkpoint is kept), 130 interrupted."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks and appends each option's default to its help."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of printing and exiting, so the caller reports every error one way."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool = False) -> None:
+    """All options of ``train``; with ``suppress_defaults`` parsing yields only the options given."""
+
+    def add(group, *flags, default=None, **kwargs):
+        group.add_argument(*flags, default=argparse.SUPPRESS if suppress_defaults else default, **kwargs)
+
+    g = parser.add_argument_group("model and data")
+    add(g, "--model", default="small", metavar="NAME|DIR",
+        help=f"a local Hugging Face causal-LM directory, or a built-in LLaMA-style model trained from random "
+             f"init with the byte-level tokenizer: {', '.join(f'{k} ({v[0]}x{v[1]} layers)' for k, v in PRESETS.items())}")
+    add(g, "--data", nargs="+", metavar="PATH",
+        help="text files, JSONL files or directories (default: the Python standard library's .py files)")
+    add(g, "--seq-len", type=int, default=128, help="tokens per training sequence (documents are packed)")
+    add(g, "--max-data-tokens", type=int, help="read at most this many tokens of data (default: all)")
+    add(g, "--eval-fraction", type=float, default=0.05, help="fraction of sequences held out for evaluation (0: none)")
+    add(g, "--max-eval-sequences", type=int, default=64, help="cap on the number of held-out sequences")
+
+    g = parser.add_argument_group("optimization")
+    add(g, "--optimizer", choices=OPTIMIZERS, default="lomo",
+        help="lomo / adalomo: fused, no gradient kept; sgd / adamw: torch baselines; lomo-optim: the PyPI reference LOMO")
+    add(g, "--lr", type=float, default=0.5, help="peak learning rate")
+    add(g, "--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule after warmup")
+    add(g, "--warmup-steps", type=int, default=10, help="steps of linear warmup from lr/warmup to lr")
+    add(g, "--steps", type=int, default=400, help="total optimizer steps of the run")
+    add(g, "--batch-size", type=int, default=16, help="sequences per step")
+    add(g, "--clip-grad-norm", type=float, help="clip the global gradient norm to this (LOMO: a second backward pass)")
+    add(g, "--clip-grad-value", type=float, help="clamp every gradient entry to [-v, v]")
+    add(g, "--weight-decay", type=float, default=0.0, help="decoupled weight decay (w -= lr*wd*w)")
+    add(g, "--dtype", choices=tuple(DTYPES), default="fp32",
+        help="weight dtype; fp16 uses dynamic loss scaling (LOMO optimizers only)")
+    add(g, "--rounding", choices=("nearest", "stochastic"),
+        help="rounding of bf16/fp16 weight updates, lomo/adalomo only (default: the optimizer's)")
+    add(g, "--backend", choices=BACKENDS, default="auto", help="kernel backend of lomo/adalomo")
+    add(g, "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+        help="recompute activations in the backward pass to save memory")
+    add(g, "--seed", type=int, default=0, help="seed of initialization, data split and order, stochastic rounding")
+    add(g, "--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU if there is one)")
+
+    g = parser.add_argument_group("output and progress")
+    add(g, "--output", default="runs/default", metavar="DIR",
+        help="run directory: final model (loads with AutoModelForCausalLM.from_pretrained), checkpoints, metrics")
+    add(g, "--resume", action="store_true", default=False,
+        help="continue the run in --output from its latest checkpoint, exactly (only --steps, --eval-every, "
+             "--save-every, --keep-checkpoints, --max-minutes and --device may change)")
+    add(g, "--overwrite", action="store_true", default=False, help="replace the run already in --output")
+    add(g, "--eval-every", type=int, default=100, help="evaluate on the held-out split every N steps and at the end (0: only at the end)")
+    add(g, "--save-every", type=int, default=200, help="checkpoint every N steps and at the end (0: only at the end)")
+    add(g, "--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    add(g, "--max-minutes", type=float, help="stop (and save) after this much training time")
+    add(g, "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    add(g, "--config", metavar="FILE",
+        help="YAML or TOML file of options (keys are option names, e.g. seq_len: 256); the command line overrides it")
+
+
+def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The command-line tokens a config file stands for."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise UsageError(f"--config {path}: {exc.strerror}") from None
+    try:
+        if file.suffix == ".toml":
+            values = tomllib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except Exception as exc:  # yaml.YAMLError / tomllib.TOMLDecodeError: report the parser's message
+        raise UsageError(f"--config {path}: not valid {'TOML' if file.suffix == '.toml' else 'YAML'} ({exc})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option names to values")
+    actions = parser._option_string_actions  # argparse has no public lookup of an option by name
+    tokens = []
+    for key, value in values.items():
+        flag = "--" + str(key).replace("_", "-")
+        action = actions.get(flag)
+        if action is None or flag in ("--config", "--help"):
+            raise UsageError(f"--config {path}: unknown option {key!r}")
+        if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+            if not isinstance(value, bool):
+                raise UsageError(f"--config {path}: {key} must be true or false, got {value!r}")
+            if value or isinstance(action, argparse.BooleanOptionalAction):
+                tokens.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            tokens += [flag, *map(str, value)]
+        elif value is not None:
+            tokens += [flag, str(value)]
+    return tokens

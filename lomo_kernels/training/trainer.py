@@ -1,0 +1,320 @@
+"""The training job behind ``lomo-kernels train``: set up (all checks before any write), loop, report."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .data import IGNORE_INDEX, BatchOrder, PackedData, TokenizerAdapter, pack, read_documents, split_eval
+from .errors import UsageError
+from .optimizers import build_runner, check_optimizer_options
+from .presets import PRESETS, preset_config
+from .report import plot_loss_curve, summarize
+from .tokenizer import ByteTokenizer, save_byte_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEDULES = ("constant", "linear", "cosine")
+# Options that belong to one invocation, not to the run (never stored in run.json).
+INVOCATION_OPTIONS = {"resume", "overwrite", "config", "output", "progress"}
+# Options a resumed run may change; every other option must match the run being resumed.
+RESUMABLE_OPTIONS = {"steps", "eval_every", "save_every", "keep_checkpoints", "max_minutes", "device"}
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
+
+
+def lr_at(step: int, args) -> float:
+    """Learning rate of 1-based ``step``: linear warmup over ``warmup_steps``, then the schedule."""
+    s = step - 1
+    if s < args.warmup_steps:
+        return args.lr * (s + 1) / args.warmup_steps
+    if args.schedule == "constant":
+        return args.lr
+    progress = (s - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    if args.schedule == "linear":
+        return args.lr * (1.0 - progress)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_options(args) -> None:
+    positive = [("steps", args.steps), ("batch_size", args.batch_size), ("seq_len", args.seq_len),
+                ("lr", args.lr), ("max_eval_sequences", args.max_eval_sequences), ("keep_checkpoints", args.keep_checkpoints)]
+    for name, value in positive:
+        if not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len must be >= 2 (a token and its successor), got {args.seq_len}")
+    for name in ("clip_grad_norm", "clip_grad_value", "max_minutes", "max_data_tokens"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0 when given, got {value}")
+    for name in ("warmup_steps", "weight_decay", "eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.eval_fraction < 1:
+        raise UsageError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.warmup_steps > args.steps:
+        raise UsageError(f"--warmup-steps ({args.warmup_steps}) exceeds --steps ({args.steps})")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            raise UsageError(f"--device {args.device}: {exc}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA device is available")
+    check_optimizer_options(args)
+
+
+# --- output directory --------------------------------------------------------------------------------
+
+def resolve_run(args, explicit: set[str]):
+    """Check the output directory and merge a resumed run's options. Writes nothing.
+
+    Returns (args, checkpoint to resume from or None, the run.json of a resumed run or None)."""
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} exists and is not a directory")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pick one")
+    has_run = out.is_dir() and ckpt.holds_run(out)
+    if args.resume:
+        if not has_run:
+            raise UsageError(f"--resume: {out} holds no run to resume")
+        checkpoint = ckpt.latest_checkpoint(out)
+        if checkpoint is None:
+            raise UsageError(f"--resume: the run in {out} has no checkpoint yet; start it again with --overwrite")
+        saved = ckpt.read_run_options(out)
+        for key in explicit - INVOCATION_OPTIONS - RESUMABLE_OPTIONS:
+            if key in saved and getattr(args, key) != saved[key]:
+                raise UsageError(f"--resume continues the same run, but --{key.replace('_', '-')} is "
+                                 f"{getattr(args, key)!r} here and {saved[key]!r} in {out / ckpt.RUN_FILE}")
+        for key, value in saved.items():
+            if key not in RESUMABLE_OPTIONS or key not in explicit:
+                setattr(args, key, value)
+        run_info = json.loads((out / ckpt.RUN_FILE).read_text())
+        return args, checkpoint, run_info
+    if out.is_dir() and any(out.iterdir()):
+        if not has_run:
+            raise UsageError(f"--output {out} is not empty and holds no lomo-kernels run; choose another directory")
+        if not args.overwrite:
+            raise UsageError(f"--output {out} already holds a run; pass --resume to continue it or "
+                             "--overwrite to replace it")
+    return args, None, None
+
+
+# --- model ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelSource:
+    kind: str  # "preset" or "path"
+    spec: str
+
+
+def resolve_model(spec: str) -> ModelSource:
+    path = Path(spec)
+    if not path.exists():
+        if spec in PRESETS:
+            return ModelSource("preset", spec)
+        raise UsageError(f"--model {spec}: no such directory, and not a built-in model ({', '.join(PRESETS)})")
+    if not path.is_dir():
+        raise UsageError(f"--model {spec} is a file; pass a Hugging Face model directory or a built-in name ({', '.join(PRESETS)})")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--model {spec} is not a Hugging Face model directory (no config.json)")
+    return ModelSource("path", spec)
+
+
+def load_config_and_tokenizer(source: ModelSource):
+    if source.kind == "preset":
+        return preset_config(source.spec), ByteTokenizer(), save_byte_tokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source.spec)
+    except Exception as exc:
+        raise UsageError(f"--model {source.spec}: cannot read its config.json ({exc})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.spec)
+    except Exception as exc:
+        raise UsageError(f"--model {source.spec}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
+    return config, tokenizer, tokenizer.save_pretrained
+
+
+def build_model(source: ModelSource, config, dtype: torch.dtype, weights_dir: Path | None, seed: int):
+    """Random init for a preset (from ``seed``), else the weights of ``weights_dir`` or the model path."""
+    from transformers import AutoModelForCausalLM
+
+    if weights_dir is None and source.kind == "preset":
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config).to(dtype)
+    where = weights_dir if weights_dir is not None else source.spec
+    try:
+        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    except Exception as exc:
+        raise UsageError(f"cannot load a causal LM from {where} ({type(exc).__name__}: {exc})") from None
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+def load_data(args, tokenizer) -> tuple[PackedData, PackedData | None, str]:
+    source = "the Python standard library" if args.data is None else ", ".join(args.data)
+    packed = pack(read_documents(args.data), TokenizerAdapter(tokenizer), args.seq_len,
+                  max_tokens=args.max_data_tokens, source=source)
+    train, held_out = split_eval(packed, args.eval_fraction, args.max_eval_sequences, args.seed)
+    digest = hashlib.sha256(packed.tokens.numpy().tobytes() + packed.labels.numpy().tobytes()).hexdigest()
+    return train, held_out, digest
+
+
+def evaluate(model, data: PackedData, batch_size: int, device) -> float:
+    """Mean loss per predicted token over ``data``."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            tokens = data.tokens[start:start + batch_size].to(device)
+            labels = data.labels[start:start + batch_size].to(device)
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total += float(model(input_ids=tokens, labels=labels).loss) * n
+            count += n
+    model.train()
+    return total / count
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+def load_metrics(path: Path, upto_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= upto_step]
+
+
+def rewrite_metrics(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+# --- the job -------------------------------------------------------------------------------------------
+
+def run_training(args, explicit: set[str], say=print) -> Path:
+    """Train as ``args`` say; returns the run directory. Raises UsageError before writing anything
+    if the input is bad, TrainingDiverged if the loss stops being finite."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-file load/save bars would interleave with ours
+    args, resume_from, run_info = resolve_run(args, explicit)
+    check_options(args)
+    out = Path(args.output)
+    source = ModelSource(**run_info["model_source"]) if run_info else resolve_model(args.model)
+    config, tokenizer, save_tokenizer = load_config_and_tokenizer(source)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and args.seq_len > positions:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's {positions} positions (max_position_embeddings)")
+    train_data, eval_data, digest = load_data(args, tokenizer)
+    if run_info and run_info["data_sha256"] != digest:
+        raise UsageError("--resume: the data differ from those the run started with; resume needs the same data")
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(source, config, DTYPES[args.dtype], resume_from, args.seed).to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+
+    # Everything is checked: from here on the output directory is written.
+    if args.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start_step, order = 0, BatchOrder(len(train_data), args.batch_size, args.seed)
+    runner = build_runner(args, model)
+    if resume_from is not None:
+        state = ckpt.load_training_state(resume_from)
+        runner.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        order = BatchOrder(len(train_data), args.batch_size, args.seed, **{k: state["data"][k] for k in ("epoch", "offset")})
+        ckpt.set_rng_state(state["rng"])
+        say(f"resuming {out} from step {start_step} ({resume_from.name})")
+    options = {k: v for k, v in vars(args).items() if k not in INVOCATION_OPTIONS}
+    ckpt.write_json_atomic(out / ckpt.RUN_FILE, {"options": options, "model_source": vars(source), "data_sha256": digest})
+    metrics_path = out / "metrics.jsonl"
+    history = load_metrics(metrics_path, start_step)
+    rewrite_metrics(metrics_path, history)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"model {source.spec}: {n_params / 1e6:.2f} M parameters, {args.dtype}, on {device}; optimizer {args.optimizer}")
+    say(f"data: {len(train_data)} training and {len(eval_data) if eval_data else 0} held-out sequences "
+        f"of {args.seq_len} tokens")
+
+    def save(step: int) -> Path:
+        state = {"step": step, "optimizer": runner.state_dict(), "data": order.state_dict(), "rng": ckpt.rng_state()}
+        return ckpt.save_checkpoint(out, step, model, save_tokenizer, state, args.keep_checkpoints)
+
+    from tqdm.auto import tqdm
+
+    tokens_per_step = args.batch_size * args.seq_len
+    bar = tqdm(total=args.steps, initial=start_step, disable=not args.progress, unit="step", dynamic_ncols=True)
+    started = time.perf_counter()
+    step = start_step
+    with open(metrics_path, "a") as metrics:
+        def record(entry: dict) -> None:
+            history.append(entry)
+            metrics.write(json.dumps(entry) + "\n")
+            metrics.flush()
+
+        while step < args.steps:
+            step += 1
+            t0 = time.perf_counter()
+            index = order.next_batch()
+            tokens, labels = train_data.tokens[index].to(device), train_data.labels[index].to(device)
+            lr = lr_at(step, args)
+            loss = model(input_ids=tokens, labels=labels).loss
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                bar.close()
+                kept = ckpt.latest_checkpoint(out)
+                raise TrainingDiverged(f"the loss is {loss_value} at step {step}; training stopped. "
+                                       + (f"The last good checkpoint is {kept} (its weights are also in {out})."
+                                          if kept else "No checkpoint had been saved yet."))
+            info = runner.step(loss, lr)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            record({"type": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": info.grad_norm,
+                    "skipped": info.skipped, "tokens_per_s": tokens_per_step / seconds,
+                    "peak_memory_mb": peak_memory_mb(device), "elapsed_s": time.perf_counter() - started})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}",
+                            mem=f"{peak_memory_mb(device):.0f}MB")
+            out_of_time = args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes
+            final = step == args.steps or out_of_time
+            if eval_data is not None and ((args.eval_every and step % args.eval_every == 0) or final):
+                eval_loss = evaluate(model, eval_data, args.batch_size, device)
+                record({"type": "eval", "step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700))})
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 700)):.2f}")
+            if (args.save_every and step % args.save_every == 0) or final:
+                save(step)
+            if out_of_time:
+                bar.write(f"--max-minutes {args.max_minutes} reached: stopped after step {step} of {args.steps}")
+                break
+    bar.close()
+    summary = summarize(history, out, time.perf_counter() - started, device)
+    ckpt.write_json_atomic(out / "summary.json", summary["numbers"])
+    plot_loss_curve(history, out / "loss_curve.png")
+    say(summary["table"])
+    say(f"outputs in {out.resolve()}: model (config.json, model.safetensors, tokenizer), metrics.jsonl, "
+        f"loss_curve.png, summary.json, checkpoints/")
+    return out
