@@ -1,0 +1,133 @@
+"""Two-rank ZeRO-3 training run on CPU (gloo), driven by tests/test_zero3.py.
+
+Usage: python train_zero3.py OUT_FILE PORT — spawns 2 ranks; each case builds a tiny LLaMA under
+``deepspeed.zero.Init``, attaches a fused ``Lomo`` and trains 3 steps; rank 0 writes the initial and
+final gathered parameters, the batches and per-step norms of every case to OUT_FILE (torch.save).
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_iter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: lomo_kernels
+
+WORLD_SIZE = 2
+STEPS = 3
+LOCAL_BATCH, SEQ = 2, 4  # 8 tokens per rank: few enough that activation-gather is the cheaper route
+MODEL = dict(vocab_size=101, hidden_size=64, intermediate_size=75, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=32, mlp_bias=True, tie_word_embeddings=False)
+DS_CONFIG = {"train_micro_batch_size_per_gpu": LOCAL_BATCH,
+             # 70 elements: the norm weights and q/o biases stay gathered (persistent), the rest does not
+             "zero_optimization": {"stage": 3, "param_persistence_threshold": 70}}
+CASES = {  # name -> (strategy, Lomo keyword arguments)
+    "reduce_scatter": ("reduce_scatter", dict(lr=0.05, weight_decay=0.01)),
+    "activation_gather": ("activation_gather", dict(lr=0.05, weight_decay=0.01)),
+    "reduce_scatter_clip": ("reduce_scatter", dict(lr=0.5, clip_grad_norm=0.3)),
+    "activation_gather_clip": ("activation_gather", dict(lr=0.5, clip_grad_norm=0.3, clip_grad_value=0.02)),
+    "auto_clip": ("auto", dict(lr=0.5, clip_grad_norm=0.3, weight_decay=0.01)),
+}
+
+
+def batches():
+    """The same global batches on every rank: [STEPS, WORLD_SIZE * LOCAL_BATCH, SEQ] token ids."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, MODEL["vocab_size"], (STEPS, WORLD_SIZE * LOCAL_BATCH, SEQ), generator=gen)
+
+
+class LargestNewStorage(TorchDispatchMode):
+    """Largest storage (in elements) that any op creates, ignoring outputs that alias an input."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        seen = {t.untyped_storage().data_ptr() for t in tree_iter((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_iter(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+def trace_linear_updates(updater, records):
+    """Record, per fused linear update, the largest new tensor against the weight's size."""
+    linear = updater.linear
+
+    def traced(param, x, dy, **kwargs):
+        with LargestNewStorage() as tracker:
+            linear(param, x, dy, **kwargs)
+        info = updater.shards[id(param)]
+        records.append((info.name, updater.last_strategy[info.name], tracker.largest, info.numel))
+
+    updater.linear = traced
+
+
+def run_case(name, rank):
+    import deepspeed
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lomo_kernels.integrations.deepspeed import attach
+    from lomo_kernels.optim import Lomo
+
+    strategy, lomo_args = CASES[name]
+    torch.manual_seed(0)
+    with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
+        model = LlamaForCausalLM(LlamaConfig(**MODEL))
+    optimizer = Lomo(model, backend="torch", **lomo_args)
+    updater = attach(optimizer, DS_CONFIG, strategy=strategy)
+    initial = updater.full_state_dict()
+    records, norms = [], []
+    trace_linear_updates(updater, records)
+    data = batches()
+    for step in range(STEPS):
+        ids = data[step, rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
+        loss = model(input_ids=ids, labels=ids).loss
+        if optimizer.clip_grad_norm is not None:
+            norms.append(optimizer.grad_norm(loss))
+        optimizer.fused_backward(loss, optimizer.lr)
+    result = dict(initial=initial, final=updater.full_state_dict(), norms=norms, records=records,
+                  routes=dict(updater.last_strategy), lomo_args=lomo_args)
+    if name == "reduce_scatter":
+        result["resume"] = check_resume(updater)
+    return result
+
+
+def check_resume(updater):
+    """A shard checkpoint restores the shards; one from another world size is refused before any write."""
+    saved = updater.state_dict()
+    params = dict(updater.optimizer.model.named_parameters())
+    first = next(iter(updater.shards.values()))
+    with torch.no_grad():
+        params[first.name].ds_tensor.zero_()
+    wrong = dict(saved, world_size=4)
+    try:
+        updater.load_state_dict(wrong)
+        refused = ""
+    except ValueError as err:
+        refused = str(err)
+    untouched = bool((params[first.name].ds_tensor == 0).all())
+    updater.load_state_dict(saved)
+    restored = all(torch.equal(params[n].ds_tensor[:t.numel()], t) for n, t in saved["shards"].items())
+    return dict(refused=refused, untouched=untouched, restored=restored)
+
+
+def worker(rank, out_file, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD_SIZE), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import transformers  # noqa: F401  -- import model classes before zero.Init patches tensor construction
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {name: run_case(name, rank) for name in CASES}
+    if rank == 0:
+        torch.save(dict(results=results, batches=batches(), model=MODEL), out_file)
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1], int(sys.argv[2])), nprocs=WORLD_SIZE)
