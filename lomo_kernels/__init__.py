@@ -2,7 +2,7 @@
 from .backends import available_backends
 from .ops import (dense_grad_sqnorm_, dense_update_, embedding_grad_sqnorm_, embedding_update_,
                   linear_grad_sqnorm_, linear_update_)
-from .optim import Lomo
+from .optim import AdaLomo, Lomo
 from .patch import patch, unpatch
 
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ The gradient of a weight matrix is never built whole: it is computed in row bloc
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -117,3 +118,53 @@ def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule) -> None:
 
 def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: float) -> None:
     accumulate_sqnorm_(stats, g, inv_loss_scale)
+
+
+# --- AdaLomo statistics (torch only: every device dispatches here, see lomo_kernels.ops.adalomo_stats) ----
+
+def _clipped_gradient_blocks(x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float, clip_value: float):
+    """Yield ``(r0, r1, clamp(G[r0:r1] * inv_loss_scale, ±clip_value))`` in row blocks of ``G = dyᵀx``."""
+    x32, dy32 = x.to(torch.float32), dy.to(torch.float32)
+    out_f, in_f = dy.shape[1], x.shape[1]
+    rows = _rows_per_chunk(in_f)
+    for r0 in range(0, out_f, rows):
+        r1 = min(r0 + rows, out_f)
+        g = (dy32[:, r0:r1].t() @ x32) * inv_loss_scale
+        if math.isfinite(clip_value):
+            g = g.clamp(-clip_value, clip_value)
+        yield r0, r1, g
+
+
+def adalomo_sq_sums(row_sums: torch.Tensor, col_sums: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
+                    inv_loss_scale: float, clip_value: float) -> None:
+    """``row_sums += Σ_j u_ij²``, ``col_sums += Σ_i u_ij²`` with ``u = clamp(dyᵀx · inv_loss_scale, ±clip_value)``."""
+    for r0, r1, g in _clipped_gradient_blocks(x, dy, inv_loss_scale, clip_value):
+        sq = g * g
+        row_sums[r0:r1] += sq.sum(1)
+        col_sums += sq.sum(0)
+
+
+def adalomo_sq_sums_ghost(row_sums: torch.Tensor, col_sums: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
+                          inv_loss_scale: float) -> None:
+    """The same sums without value clipping, from token-by-token Gram matrices:
+    ``Σ_j G_ij² = (dyᵀ (x xᵀ) dy)_ii`` and ``Σ_i G_ij² = (xᵀ (dy dyᵀ) x)_jj``; no weight-sized tensor."""
+    x32 = x.to(torch.float32)
+    dy32 = dy.to(torch.float32) * inv_loss_scale
+    row_sums += (dy32 * ((x32 @ x32.t()) @ dy32)).sum(0)
+    col_sums += (x32 * ((dy32 @ dy32.t()) @ x32)).sum(0)
+
+
+def adalomo_scaled_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
+                          col_scale: torch.Tensor, inv_loss_scale: float, clip_value: float) -> None:
+    """``stats += [Σ (row_scale_i · u_ij · col_scale_j)², non-finite count]``, u as in ``adalomo_sq_sums``."""
+    for r0, r1, g in _clipped_gradient_blocks(x, dy, inv_loss_scale, clip_value):
+        accumulate_sqnorm_(stats, g * row_scale[r0:r1, None] * col_scale, 1.0)
+
+
+def adalomo_linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
+                          col_scale: torch.Tensor, rule: UpdateRule) -> None:
+    """``W <- rule.decay·W - rule.step · row_scale_i · clamp(G_ij · inv_loss_scale, ±clip_value) · col_scale_j``."""
+    scaled_rule = dataclasses.replace(rule, inv_loss_scale=1.0, clip_value=math.inf)
+    in_f = w.shape[1]
+    for r0, r1, g in _clipped_gradient_blocks(x, dy, rule.inv_loss_scale, rule.clip_value):
+        apply_rule_(w[r0:r1], g * row_scale[r0:r1, None] * col_scale, scaled_rule, flat_offset=r0 * in_f)

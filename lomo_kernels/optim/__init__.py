@@ -1,4 +1,6 @@
+from .adalomo import AdaLomo
 from .base import FusedOptimizer
 from .lomo import Lomo
+from .loss_scaler import DynamicLossScaler
 
-__all__ = ["FusedOptimizer", "Lomo"]
+__all__ = ["AdaLomo", "DynamicLossScaler", "FusedOptimizer", "Lomo"]

@@ -1,0 +1,144 @@
+"""AdaLomo's extra passes over a linear layer's weight gradient ``G = dyᵀx``, without building ``G``.
+
+AdaLomo (Adafactor-style) needs, before it can update ``W``, the row and column sums of ``u²``
+(``u = clamp(G / loss_scale, ±clip_value)``) for its factored second moment, and then the squared
+norm of the scaled update ``row_scale_i · u_ij · col_scale_j`` for its update normalization. Each
+is one more pass over the gradient's tiles that keeps only vectors:
+
+    adalomo_sq_sums_        row_sums[out] += Σ_j u², col_sums[in] += Σ_i u²     (GEMM or Gram pass)
+    adalomo_scaled_sqnorm_  stats += [Σ (r_i u_ij c_j)², non-finite count]
+    adalomo_linear_update_  W <- (1 - lr·wd)·W - lr·coef · r_i u_ij c_j
+
+Without value clipping ``r_i u_ij c_j`` is the gradient of the scaled activations
+``(dy·r)ᵀ (x·c) / loss_scale``, so the last two run as the ordinary fused ops (``linear_grad_sqnorm_``
+with its ghost-norm choice, ``linear_update_``) on every backend. With value clipping, and for
+``adalomo_sq_sums_`` always, the ops are ``torch.library`` custom ops implemented by the torch
+reference (``lomo_kernels.kernels.reference``) on every device: no compiled C++/CUDA/Triton kernel
+implements them, so ``backend`` does not apply to them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import reference
+from ._common import UpdateRule, check_stats
+from .embedding_update import _flatten as _flatten_embedding
+from .linear_update import _flatten as _flatten_linear
+from .linear_update import choose_norm_method, linear_grad_sqnorm_, linear_update_
+
+
+@torch.library.custom_op("lomo_kernels::adalomo_sq_sums_", mutates_args=("row_sums", "col_sums"))
+def _sq_sums_op(row_sums: torch.Tensor, col_sums: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor,
+                inv_loss_scale: float, clip_value: float, method: str) -> None:
+    if method == "ghost":
+        reference.adalomo_sq_sums_ghost(row_sums, col_sums, x, grad_out, inv_loss_scale)
+    else:
+        reference.adalomo_sq_sums(row_sums, col_sums, x, grad_out, inv_loss_scale, clip_value)
+
+
+@_sq_sums_op.register_fake
+def _(row_sums, col_sums, x, grad_out, inv_loss_scale, clip_value, method):
+    return None
+
+
+@torch.library.custom_op("lomo_kernels::adalomo_scaled_sqnorm_", mutates_args=("stats",))
+def _scaled_sqnorm_op(stats: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, row_scale: torch.Tensor,
+                      col_scale: torch.Tensor, inv_loss_scale: float, clip_value: float) -> None:
+    reference.adalomo_scaled_sqnorm(stats, x, grad_out, row_scale, col_scale, inv_loss_scale, clip_value)
+
+
+@_scaled_sqnorm_op.register_fake
+def _(stats, x, grad_out, row_scale, col_scale, inv_loss_scale, clip_value):
+    return None
+
+
+@torch.library.custom_op("lomo_kernels::adalomo_linear_update_", mutates_args=("weight",))
+def _linear_update_op(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, row_scale: torch.Tensor,
+                      col_scale: torch.Tensor, decay: float, step: float, inv_loss_scale: float, clip_value: float,
+                      stochastic: bool, seed: int) -> None:
+    rule = UpdateRule(decay, step, inv_loss_scale, clip_value, stochastic, seed)
+    reference.adalomo_linear_update(weight, x, grad_out, row_scale, col_scale, rule)
+
+
+@_linear_update_op.register_fake
+def _(weight, x, grad_out, row_scale, col_scale, decay, step, inv_loss_scale, clip_value, stochastic, seed):
+    return None
+
+
+def _check_vector(v: torch.Tensor, size: int, weight: torch.Tensor, label: str, name: str) -> None:
+    if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.shape != (size,) or v.device != weight.device:
+        got = f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"{name}: {label} must be a float32 tensor of shape ({size},) on {weight.device}, got {got}")
+    if not v.is_contiguous():
+        raise ValueError(f"{name}: {label} must be contiguous")
+
+
+def _checked(weight, x, grad_out, row, col, row_label, col_label, loss_scale, clip_value, name):
+    UpdateRule.make(0.0, loss_scale=loss_scale, clip_value=clip_value, name=name)
+    x2, dy2 = _flatten_linear(weight, x, grad_out, name)
+    _check_vector(row, weight.shape[0], weight, row_label, name)
+    _check_vector(col, weight.shape[1], weight, col_label, name)
+    return x2, dy2
+
+
+def adalomo_sq_sums_(row_sums: torch.Tensor, col_sums: torch.Tensor, weight: torch.Tensor, x: torch.Tensor,
+                     grad_out: torch.Tensor, *, loss_scale: float = 1.0, clip_value: float | None = None,
+                     method: str = "auto", name: str = "weight") -> None:
+    """Add the row and column sums of ``clamp(dyᵀx / loss_scale, ±clip_value)²`` to ``row_sums`` [out]
+    and ``col_sums`` [in] (float32). ``method``: "gemm" (row blocks of G), "ghost" (token Gram
+    matrices; no value clipping), "auto" (ghost when cheaper and allowed)."""
+    x2, dy2 = _checked(weight, x, grad_out, row_sums, col_sums, "row_sums", "col_sums", loss_scale, clip_value, name)
+    if method == "auto":
+        method = "gemm" if clip_value is not None else choose_norm_method(x2.shape[0], weight.shape[1], weight.shape[0])
+    if method not in ("gemm", "ghost"):
+        raise ValueError(f"{name}: method must be 'auto', 'gemm' or 'ghost', got {method!r}")
+    if method == "ghost" and clip_value is not None:
+        raise ValueError(f"{name}: the ghost method cannot apply value clipping (it never sees single entries)")
+    _sq_sums_op(row_sums, col_sums, x2, dy2, 1.0 / loss_scale, _clip(clip_value), method)
+
+
+def _clip(clip_value: float | None) -> float:
+    return float("inf") if clip_value is None else float(clip_value)
+
+
+def _scaled_activations(x2, dy2, row_scale, col_scale):
+    return x2.to(torch.float32) * col_scale, dy2.to(torch.float32) * row_scale
+
+
+def adalomo_scaled_sqnorm_(stats: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor,
+                           row_scale: torch.Tensor, col_scale: torch.Tensor, *, loss_scale: float = 1.0,
+                           clip_value: float | None = None, backend: str = "auto", name: str = "weight") -> None:
+    """Add ``[Σ (row_scale_i · u_ij · col_scale_j)², non-finite count]`` to ``stats`` (float32, shape (2,))."""
+    x2, dy2 = _checked(weight, x, grad_out, row_scale, col_scale, "row_scale", "col_scale", loss_scale,
+                       clip_value, name)
+    check_stats(stats, weight, name)
+    if clip_value is None:
+        xs, dys = _scaled_activations(x2, dy2, row_scale, col_scale)
+        linear_grad_sqnorm_(stats, weight, xs, dys, loss_scale=loss_scale, backend=backend, name=name)
+    else:
+        _scaled_sqnorm_op(stats, x2, dy2, row_scale, col_scale, 1.0 / loss_scale, float(clip_value))
+
+
+def adalomo_linear_update_(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, row_scale: torch.Tensor,
+                           col_scale: torch.Tensor, *, lr: float, weight_decay: float = 0.0, coef: float = 1.0,
+                           loss_scale: float = 1.0, clip_value: float | None = None, rounding: str = "nearest",
+                           seed: int = 0, backend: str = "auto", name: str = "weight") -> None:
+    """``W <- (1 - lr·wd)·W - lr·coef · row_scale_i · clamp(G_ij / loss_scale, ±clip_value) · col_scale_j``."""
+    rule = UpdateRule.make(lr, weight_decay, coef, loss_scale, clip_value, rounding, seed, name)
+    x2, dy2 = _checked(weight, x, grad_out, row_scale, col_scale, "row_scale", "col_scale", loss_scale,
+                       clip_value, name)
+    if clip_value is None:
+        xs, dys = _scaled_activations(x2, dy2, row_scale, col_scale)
+        linear_update_(weight, xs, dys, lr=lr, weight_decay=weight_decay, coef=coef, loss_scale=loss_scale,
+                       rounding=rounding, seed=seed, backend=backend, name=name)
+    else:
+        _linear_update_op(weight, x2, dy2, row_scale, col_scale, rule.decay, rule.step, rule.inv_loss_scale,
+                          rule.clip_value, rule.stochastic, rule.seed)
+
+
+def embedding_row_gradients(weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor,
+                            padding_idx: int | None = None, name: str = "weight"):
+    """``(rows, G_rows)``: the distinct embedding rows ``indices`` touch (padding excluded) and their fp32
+    gradient (duplicates summed). Token-sized, never vocabulary-sized."""
+    idx, dy, pad = _flatten_embedding(weight, indices, grad_out, padding_idx, name)
+    return reference._row_gradients(idx, dy, pad)

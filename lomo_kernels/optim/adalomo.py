@@ -1,0 +1,210 @@
+"""``AdaLomo``: Adafactor-style adaptive LOMO (Lv et al. 2023b); a drop-in for ``lomo_optim.AdaLomo``.
+
+Per parameter, with ``g = c · clamp(grad / loss_scale, ±clip_grad_value)`` (``c`` the global-norm
+clip coefficient) and ``β = 1 - t^decay_rate`` at step ``t = 1, 2, ...``:
+
+    2-D W [m, n]:  R <- β·R + (1-β)·(mean_j g² + eps[0])      C <- β·C + (1-β)·(mean_i g² + eps[0])
+                   u_ij = g_ij · rsqrt(R_i / mean(R)) · rsqrt(C_j)
+    1-D p:         V <- β·V + (1-β)·(g² + eps[0]);  u = g · rsqrt(V)
+    u <- u / max(1, RMS(u) / clip_threshold)
+    W <- (1 - lr'·wd)·W - lr'·u       lr' = lr · max(eps[1], RMS(W))
+
+(lomo-optim increments its step counter before the backward pass, so its ``t = 0`` guard never
+fires and its first step has ``β = 0``; ours counts the same way.)
+
+A linear layer's statistics must be known before its update, and ``u`` depends on all of ``g``.
+``statistics`` picks how they are obtained:
+
+* ``"recompute"`` (default): no gradient tensor ever exists. Three passes over the gradient's tiles
+  per layer: row/column sums of ``g²`` (GEMM or token-Gram pass), ``Σu²`` (a norm pass on scaled
+  activations), then the fused update (``lomo_kernels.ops.adalomo_stats``).
+* ``"materialize"``: compute the layer's fp32 gradient once, use it, free it. One GEMM instead of
+  three, but one layer's full fp32 gradient is alive at a time.
+
+Embedding weights: only the touched rows have a gradient (token-sized), but every row's statistic
+decays and every row is weight-decayed, exactly as lomo-optim's dense update does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..ops import adalomo_stats
+from .base import FusedOptimizer
+
+STATISTICS = ("recompute", "materialize")
+
+
+class AdaLomo(FusedOptimizer):
+    """Same arguments and defaults as lomo-optim 0.1.1's ``AdaLomo``; ``statistics``, ``backend``,
+    ``rounding`` and ``seed`` are ours. ``loss_scale`` is a fixed factor (``None``/0: none): the loss is
+    multiplied by it and every gradient divided by it. fp16 weights get the norm phase's overflow
+    check: a non-finite gradient skips the step (the fixed scale is not changed)."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, loss_scale: float | None = 2**10,
+                 eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
+                 clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
+                 weight_decay: float = 0.0, *, statistics: str = "recompute", backend: str = "auto",
+                 rounding: str | None = None, seed: int = 0):
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if loss_scale is not None and loss_scale != 0 and not (math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be a positive finite number or None, got {loss_scale!r}")
+        if len(eps) != 2 or not all(e >= 0 for e in eps):
+            raise ValueError(f"eps must be two numbers >= 0 (gradient² floor, parameter-RMS floor), got {eps!r}")
+        if not clip_threshold > 0:
+            raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
+        if not decay_rate < 0:
+            raise ValueError(f"decay_rate must be < 0 (β2 = 1 - step^decay_rate), got {decay_rate}")
+        if statistics not in STATISTICS:
+            raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
+        bad = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad and p.dim() not in (1, 2)]
+        if bad:
+            raise ValueError(f"AdaLomo handles 1-D and 2-D parameters only; got {bad[:3]}")
+        self.weight_decay = weight_decay
+        self._loss_scale = float(loss_scale) if loss_scale else 1.0
+        self.eps = (float(eps[0]), float(eps[1]))
+        self.clip_threshold = clip_threshold
+        self.decay_rate = decay_rate
+        self.statistics = statistics
+        super().__init__(model, dict(lr=lr, eps=self.eps, weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
+                                     clip_grad_value=clip_grad_value),
+                         clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
+                         rounding=rounding, seed=seed)
+        self.exp_avg_sq: dict[str, torch.Tensor] = {}
+        self.exp_avg_sq_row: dict[str, torch.Tensor] = {}
+        self.exp_avg_sq_col: dict[str, torch.Tensor] = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.dim() == 1:
+                self.exp_avg_sq[name] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            else:
+                self.exp_avg_sq_row[name] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+                self.exp_avg_sq_col[name] = torch.zeros(p.shape[1], dtype=torch.float32, device=p.device)
+
+    @property
+    def loss_scale(self) -> float:
+        return self._loss_scale
+
+    # --- the pieces of the rule, each overridable (e.g. by a sharded integration) ------------------
+
+    def beta2t(self) -> float:
+        """β2 of the step being applied; the step number ``t`` starts at 1 (β2 = 0: the first
+        statistics are the first gradient's)."""
+        return 1.0 - math.pow(self.step_count + 1, self.decay_rate)
+
+    def param_rms(self, param: torch.Tensor) -> float:
+        return (param.detach().to(torch.float32).norm() / math.sqrt(param.numel())).item()
+
+    def scaled_lr(self, param: torch.Tensor) -> float:
+        """lr scaled by the parameter's RMS (floored at ``eps[1]``)."""
+        return self.lr * max(self.eps[1], self.param_rms(param))
+
+    def normalizer(self, update_sqnorm: float, numel: int) -> float:
+        """``1 / max(1, RMS(u) / clip_threshold)``."""
+        return 1.0 / max(1.0, math.sqrt(update_sqnorm / numel) / self.clip_threshold)
+
+    def update_factored_stats(self, name: str, row_sq_mean: torch.Tensor, col_sq_mean: torch.Tensor):
+        """Fold this step's mean squares (without eps) into ``R``, ``C``; return the factors
+        ``(rsqrt(R / mean(R)), rsqrt(C))`` that scale ``g``'s rows and columns."""
+        beta = self.beta2t()
+        row = self.exp_avg_sq_row[name].mul_(beta).add_(row_sq_mean + self.eps[0], alpha=1.0 - beta)
+        col = self.exp_avg_sq_col[name].mul_(beta).add_(col_sq_mean + self.eps[0], alpha=1.0 - beta)
+        return (row / row.mean()).rsqrt_(), col.rsqrt()
+
+    def _apply_args(self, param: torch.Tensor, coef: float, apply_decay: bool) -> dict:
+        return dict(lr=self.scaled_lr(param), weight_decay=self.weight_decay if apply_decay else 0.0, coef=coef,
+                    rounding=self._rounding_for(param), seed=self._seed_for(param), backend=self.backend,
+                    name=self._name(param))
+
+    def direction(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The unnormalized update ``u`` from the full fp32 gradient (raw, loss-scaled) of ``param``."""
+        g = grad.to(torch.float32) / self.loss_scale
+        if self.clip_grad_value is not None:
+            g = g.clamp_(-self.clip_grad_value, self.clip_grad_value)
+        if self.clip_coef != 1.0:
+            g = g.mul_(self.clip_coef)
+        name = self._name(param)
+        if g.dim() == 1:
+            beta = self.beta2t()
+            v = self.exp_avg_sq[name].mul_(beta).add_(g * g + self.eps[0], alpha=1.0 - beta)
+            return v.rsqrt() * g
+        sq = g * g
+        row_scale, col_scale = self.update_factored_stats(name, sq.mean(dim=1), sq.mean(dim=0))
+        return g.mul_(row_scale[:, None]).mul_(col_scale)
+
+    # --- the Updater's apply phase -----------------------------------------------------------------
+
+    def dense_apply(self, param, grad, *, apply_decay=True):
+        u = self.direction(param, grad)
+        coef = self.normalizer(float(u.norm() ** 2), u.numel())
+        ops.dense_update_(param, u, **self._apply_args(param, coef, apply_decay))
+
+    def linear_apply(self, param, x, dy, *, apply_decay=True):
+        if self.statistics == "materialize":
+            x32, dy32 = x.to(torch.float32), dy.to(torch.float32)
+            self.dense_apply(param, dy32.t() @ x32, apply_decay=apply_decay)
+        else:
+            self.linear_apply_recompute(param, x, dy, apply_decay=apply_decay)
+
+    def linear_apply_recompute(self, param, x, dy, *, apply_decay=True):
+        name, out_f, in_f = self._name(param), param.shape[0], param.shape[1]
+        common = dict(loss_scale=self.loss_scale, clip_value=self.clip_grad_value, name=name)
+        row_sums = torch.zeros(out_f, dtype=torch.float32, device=param.device)
+        col_sums = torch.zeros(in_f, dtype=torch.float32, device=param.device)
+        adalomo_stats.adalomo_sq_sums_(row_sums, col_sums, param, x, dy, **common)
+        coef_sq = self.clip_coef ** 2
+        row_scale, col_scale = self.update_factored_stats(name, row_sums.mul_(coef_sq / in_f),
+                                                          col_sums.mul_(coef_sq / out_f))
+        stats = torch.zeros(2, dtype=torch.float32, device=param.device)
+        adalomo_stats.adalomo_scaled_sqnorm_(stats, param, x, dy, row_scale, col_scale, backend=self.backend, **common)
+        coef = self.clip_coef * self.normalizer(coef_sq * stats[0].item(), param.numel())
+        args = self._apply_args(param, coef, apply_decay)
+        adalomo_stats.adalomo_linear_update_(param, x, dy, row_scale, col_scale, loss_scale=self.loss_scale,
+                                             clip_value=self.clip_grad_value, **args)
+
+    def embedding_apply(self, param, indices, dy, padding_idx, *, apply_decay=True):
+        """Only the touched rows have a gradient: their fp32 rows (token-sized) stand for the whole
+        gradient, whose other rows are zero; statistics and weight decay still cover every row."""
+        name, vocab = self._name(param), param.shape[0]
+        rows, g = adalomo_stats.embedding_row_gradients(param, indices, dy, padding_idx, name=name)
+        g = g / self.loss_scale
+        if self.clip_grad_value is not None:
+            g = g.clamp_(-self.clip_grad_value, self.clip_grad_value)
+        if self.clip_coef != 1.0:
+            g = g.mul_(self.clip_coef)
+        sq = g * g
+        row_sq_mean = torch.zeros(vocab, dtype=torch.float32, device=param.device)
+        row_sq_mean[rows] = sq.mean(dim=1)
+        row_scale, col_scale = self.update_factored_stats(name, row_sq_mean, sq.sum(dim=0) / vocab)
+        u = g.mul_(row_scale[rows, None]).mul_(col_scale)
+        coef = self.normalizer(float(u.norm() ** 2), param.numel())
+        # u's rows are distinct, so the embedding op applies each once (and decays the other rows).
+        ops.embedding_update_(param, rows, u, **self._apply_args(param, coef, apply_decay))
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def _named_state(self):
+        state = {name: {"exp_avg_sq": v} for name, v in self.exp_avg_sq.items()}
+        state.update({name: {"exp_avg_sq_row": self.exp_avg_sq_row[name], "exp_avg_sq_col": self.exp_avg_sq_col[name]}
+                      for name in self.exp_avg_sq_row})
+        return state
+
+    def _load_named_state(self, state):
+        mine = self._named_state()
+        if set(state) != set(mine):
+            missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+            raise ValueError(f"checkpoint's AdaLomo statistics do not match this model: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        for name, entry in mine.items():  # check everything before writing anything
+            for key, tensor in entry.items():
+                saved = state[name].get(key)
+                if saved is None or saved.shape != tensor.shape:
+                    raise ValueError(f"checkpoint's {key} for {name!r} is missing or has the wrong shape")
+        for name, entry in mine.items():
+            for key, tensor in entry.items():
+                tensor.copy_(state[name][key])
