@@ -1,0 +1,139 @@
+"""Shared benchmark plumbing: timing, measured peak memory, the device record, and result files."""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+MiB = float(1 << 20)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    repeats: int
+
+    @property
+    def spread(self) -> str:
+        return f"{self.q1_ms:.2f}-{self.q3_ms:.2f}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, repeats: int, warmup: int = 1, device: torch.device = torch.device("cpu"), setup=None) -> Timing:
+    """Median and interquartile range of ``fn()`` wall time over ``repeats`` runs; ``setup()`` runs untimed before each."""
+    samples = []
+    for i in range(warmup + repeats):
+        if setup is not None:
+            setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            samples.append((time.perf_counter() - t0) * 1e3)
+    if len(samples) >= 4:
+        q1, _, q3 = statistics.quantiles(samples, n=4)
+    else:
+        q1, q3 = min(samples), max(samples)
+    return Timing(statistics.median(samples), q1, q3, len(samples))
+
+
+def peak_bytes_profiled(fn) -> int:
+    """Peak of bytes allocated and not yet freed while ``fn()`` runs, above what was live before, from the
+    torch profiler's allocator events (every c10 allocation, including those inside custom ops)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def device_record() -> dict:
+    """What the numbers were measured on."""
+    import lomo_kernels
+    rec = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+           "backends": ", ".join(n for n, info in lomo_kernels.available_backends().items() if info.available)}
+    if torch.cuda.is_available():
+        rec["gpu"] = torch.cuda.get_device_name(0)
+    return rec
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+# --- results ---------------------------------------------------------------------------------------
+
+def markdown_table(rows: list[dict]) -> str:
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(row[h]) for h in headers) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if v == 0 or abs(v) >= 0.1 else f"{v:.3g}"
+    return str(v)
+
+
+def write_results(out_dir: str, name: str, title: str, rows: list[dict], notes: list[str], device: dict) -> str:
+    """``name``.csv (all rows) and ``name``.md (title, device, notes, table); returns the Markdown path."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path = os.path.join(out_dir, f"{name}.md")
+    with open(md_path, "w") as f:
+        f.write(f"# {title}\n\n")
+        f.write("Device: " + "; ".join(f"{k} {v}" for k, v in device.items()) + "\n\n")
+        for note in notes:
+            f.write(f"- {note}\n")
+        f.write("\n" + markdown_table(rows) + "\n")
+    return md_path
+
+
+def new_figure(ncols: int = 1):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
+    return fig, axes[0]
+
+
+def save_figure(fig, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, f"{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
