@@ -154,7 +154,9 @@ def build_model(source: ModelSource, config, dtype: torch.dtype, weights_dir: Pa
 
     if weights_dir is None and source.kind == "preset":
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config).to(dtype)
+        # built in `dtype` (not cast afterwards) so buffers such as rotary frequencies keep the dtype
+        # from_pretrained gives them, and a resumed run computes exactly what the first one did
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
     where = weights_dir if weights_dir is not None else source.spec
     try:
         return AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
@@ -231,7 +233,10 @@ def run_training(args, explicit: set[str], say=print) -> Path:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(source, config, DTYPES[args.dtype], resume_from, args.seed).to(device)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
 

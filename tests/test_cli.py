@@ -1,0 +1,241 @@
+"""`lomo-kernels train` end to end on a tiny model: train, resume exactly, load with transformers; bad input."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lomo_kernels.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, build_parser, main
+from lomo_kernels.training.data import BatchOrder
+
+TINY = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--no-progress", "--eval-every", "0",
+        "--warmup-steps", "0", "--lr", "0.5"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """Prompt/completion records plus plain text records, a few thousand tokens."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    records = []
+    for i in range(60):
+        a, b = (7 * i) % 50, (13 * i) % 50
+        records.append({"prompt": f"{a} plus {b} is", "completion": f" {a + b}."})
+        records.append({"text": f"The number {i} is {'even' if i % 2 == 0 else 'odd'}."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def train(capsys, *argv):
+    code = main(["train", *TINY, *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model.safetensors")
+
+
+@pytest.mark.parametrize("optimizer, extra", [
+    ("lomo", []),
+    ("lomo", ["--dtype", "bf16"]),  # stochastic rounding: its seed sequence must resume too
+    ("adamw", ["--lr", "0.01"]),     # optimizer moments must resume
+])
+def test_train_resume_exactly_and_load_with_transformers(tmp_path, data_file, capsys, monkeypatch, optimizer, extra):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["--data", data_file, "--optimizer", optimizer, "--save-every", 3, "--steps", 6, *extra]
+    code, out, err = train(capsys, *common, "--output", full)
+    assert code == 0, err
+    assert f"outputs in {full.resolve()}" in out
+
+    # the same run, interrupted while drawing the batch of step 5 (after the checkpoint of step 3)
+    draw = BatchOrder.next_batch
+    calls = []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return draw(self)
+
+    monkeypatch.setattr(BatchOrder, "next_batch", interrupted)
+    code, _, err = train(capsys, *common, "--output", part)
+    assert code == EXIT_INTERRUPTED and "Traceback" not in err
+    monkeypatch.undo()
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-00000003"]
+    code, out, err = train(capsys, *common, "--output", part, "--resume")
+    assert code == 0, err
+    assert "resuming" in out and "from step 3" in out
+
+    losses = train_losses(full)
+    assert list(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1]
+    assert train_losses(part) == losses  # the resumed run sees the same batches and computes the same losses
+    uninterrupted, resumed = weights(full), weights(part)
+    assert uninterrupted.keys() == resumed.keys()
+    for name in uninterrupted:
+        assert torch.equal(uninterrupted[name], resumed[name]), name
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(full)
+    for name, param in model.state_dict().items():
+        assert torch.equal(param, uninterrupted[name].to(param.dtype)), name
+    tokenizer = AutoTokenizer.from_pretrained(full)
+    ids = torch.tensor([tokenizer("1 plus 2 is", add_special_tokens=False)["input_ids"]])
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["first_loss"] == losses[1]
+    assert (full / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_metrics_and_every_optimizer_option_run(tmp_path, data_file, capsys):
+    run = tmp_path / "run"
+    code, out, err = train(capsys, "--data", data_file, "--steps", 4, "--eval-every", 2, "--schedule", "linear",
+                           "--warmup-steps", 1, "--clip-grad-norm", 1.0, "--clip-grad-value", 0.5,
+                           "--weight-decay", 0.01, "--gradient-checkpointing", "--output", run)
+    assert code == 0, err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(abs(r["eval_perplexity"] - torch.tensor(r["eval_loss"]).exp().item()) < 1e-3 for r in evals)
+    train_records = [r for r in records if r["type"] == "train"]
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in train_records)  # clipping measured it
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in train_records)
+    assert "held-out loss / perplexity" in out
+
+
+def test_config_file_sets_options_and_the_command_line_wins(tmp_path, data_file, capsys):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"data: [{data_file}]\nsteps: 5\nseq_len: 16\nprogress: false\n")
+    code, _, err = train(capsys, "--config", yaml_file, "--steps", 2, "--output", tmp_path / "a")
+    assert code == 0, err
+    options = json.loads((tmp_path / "a" / "run.json").read_text())["options"]
+    assert options["steps"] == 2 and options["seq_len"] == 32  # TINY's --seq-len 32 is on the command line too
+    toml_file = tmp_path / "run.toml"
+    toml_file.write_text(f'data = ["{data_file}"]\nsteps = 2\nmax_eval_sequences = 3\n')
+    assert train(capsys, "--config", toml_file, "--output", tmp_path / "b")[0] == 0
+    options = json.loads((tmp_path / "b" / "run.json").read_text())["options"]
+    assert options["steps"] == 2 and options["max_eval_sequences"] == 3
+
+
+def test_overwrite_replaces_a_run(tmp_path, data_file, capsys):
+    run = tmp_path / "run"
+    assert train(capsys, "--data", data_file, "--steps", 2, "--output", run)[0] == 0
+    assert train(capsys, "--data", data_file, "--steps", 3, "--output", run, "--overwrite")[0] == 0
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000003"]
+    assert list(train_losses(run)) == [1, 2, 3]
+
+
+# --- bad input: a clear message, exit status 2, no traceback, nothing written --------------------------
+
+def snapshot(directory: Path) -> dict:
+    if not directory.exists():
+        return {}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_file) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *TINY, "--data", str(data_file), "--steps", "2", "--output", str(run)]) == 0
+    return run
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+BAD_INPUT = {
+    "missing data": (lambda t, d: ["--data", t / "nope.jsonl"], "data path .*nope.jsonl does not exist"),
+    "empty data": (lambda t, d: ["--data", _write(t / "empty.txt", "")], "no text found in"),
+    "malformed JSONL": (lambda t, d: ["--data", _write(t / "bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": \n')],
+                        "bad.jsonl line 3: not valid JSON"),
+    "JSONL without text": (lambda t, d: ["--data", _write(t / "odd.jsonl", '{"text": "a"}\n{"body": "b"}\n')],
+                           "odd.jsonl line 2: expected an object with a \"text\" field"),
+    "model dir without config": (lambda t, d: ["--data", d, "--model", (t / "m").mkdir() or t / "m"],
+                                 "is not a Hugging Face model directory"),
+    "unknown model name": (lambda t, d: ["--data", d, "--model", "gigantic"], "not a built-in model"),
+    "seq-len beyond positions": (lambda t, d: ["--data", d, "--seq-len", 300], "--seq-len 300 exceeds the model's 256 positions"),
+    "unknown option": (lambda t, d: ["--data", d, "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    "bad option value": (lambda t, d: ["--data", d, "--lr", "fast"], "argument --lr: invalid float value"),
+    "zero batch size": (lambda t, d: ["--data", d, "--batch-size", 0], "--batch-size must be > 0"),
+    "fp16 with sgd": (lambda t, d: ["--data", d, "--optimizer", "sgd", "--dtype", "fp16"], "needs loss scaling"),
+    "unknown config key": (lambda t, d: ["--data", d, "--config", _write(t / "c.yaml", "lr: 1\nlearning_rat: 2\n")],
+                           "unknown option 'learning_rat'"),
+    "resume nothing": (lambda t, d: ["--data", d, "--resume"], "holds no run to resume"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, data_file, capsys, case):
+    make_argv, message = BAD_INPUT[case]
+    output = tmp_path / "out"
+    code, out, err = train(capsys, *make_argv(tmp_path, data_file), "--steps", 2, "--output", output)
+    assert code == EXIT_USAGE
+    assert "Traceback" not in err + out
+    assert pytest.importorskip("re").search(message, err), err
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "already holds a run; pass --resume to continue it or --overwrite"),
+    (["--resume", "--lr", "0.1"], "--resume continues the same run, but --lr is 0.1"),
+    (["--resume", "--overwrite"], "contradict"),
+    (["--overwrite", "--data", "/nonexistent/file"], "does not exist"),  # checked before the old run is removed
+])
+def test_a_run_in_the_output_directory_is_never_clobbered(finished_run, data_file, capsys, argv, message):
+    before = snapshot(finished_run)
+    code, out, err = train(capsys, "--data", data_file, "--steps", 4, "--output", finished_run, *argv)
+    assert code == EXIT_USAGE and message in err and "Traceback" not in err
+    assert snapshot(finished_run) == before
+
+
+def test_a_directory_of_other_files_is_refused_even_with_overwrite(tmp_path, data_file, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = train(capsys, "--data", data_file, "--output", tmp_path, "--overwrite")
+    assert code == EXIT_USAGE and "holds no lomo-kernels run" in err
+    assert snapshot(tmp_path) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data_file, capsys):
+    run = tmp_path / "run"
+    # lr 1e30: the weights overflow after a couple of steps and the loss becomes NaN
+    code, out, err = train(capsys, "--data", data_file, "--lr", "1e30", "--steps", 20, "--save-every", 1,
+                           "--output", run)
+    assert code == EXIT_DIVERGED and "Traceback" not in err
+    assert "training stopped" in err and "last good checkpoint" in err
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    last_step = int(checkpoints[-1].split("-")[1])
+    nan_step = max(train_losses(run)) + 1
+    assert f"the loss is nan at step {nan_step}" in err and last_step == nan_step - 1
+    assert torch.load(run / "checkpoints" / checkpoints[-1] / "training_state.pt", weights_only=True)["step"] == last_step
+
+
+def test_every_option_is_documented():
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    for action in train_parser._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+
+
+def test_python_dash_m_entry_point():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "lomo_kernels", "train", "--bogus"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert done.returncode == EXIT_USAGE
+    assert "unrecognized arguments: --bogus" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "lomo_kernels", "train", "--help"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 0 and "--resume" in done.stdout and "(default: lomo)" in done.stdout
