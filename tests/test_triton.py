@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton")
 import lomo_kernels as lk  # noqa: E402
 from lomo_kernels.kernels import triton_update  # noqa: E402
 from lomo_kernels.ops._common import UpdateRule  # noqa: E402
+from lomo_kernels.testing import AllocationTracker  # noqa: E402
 
 if not torch.cuda.is_available() and not triton_update.INTERPRETED:
     pytest.skip("lomo_kernels.kernels.triton_update was imported before this module set TRITON_INTERPRET=1, so "
@@ -164,6 +165,18 @@ def test_linear_update_bit_identical_to_reference_on_exact_gradients(w_dtype, x_
     x, dy = dyadic(21, 70, dtype=x_dtype), dyadic(21, 45, dtype=x_dtype)
     got, ref = both_backends(lk.linear_update_, w, x, dy, **OPTIONS["all"], rounding=rounding, seed=2**32 - 5)
     assert_same_bits(got, ref)
+
+
+def test_linear_kernel_follows_strides():
+    # The public ops pass contiguous inputs; the kernel still reads x and dy through their strides.
+    w = torch.randn(50, 77, device=DEVICE).to(torch.bfloat16)
+    x, dy = torch.randn(77, 19, device=DEVICE), torch.randn(50, 19, device=DEVICE)
+    rule = UpdateRule.make(lr=0.1, clip_value=0.5, rounding="stochastic", seed=4)
+    strided, contiguous = w.clone(), w.clone()
+    triton_update.linear_update(strided, x.t(), dy.t(), rule)
+    triton_update.linear_update(contiguous, x.t().contiguous(), dy.t().contiguous(), rule)
+    assert torch.equal(strided, contiguous)
+    assert not torch.equal(strided, w)
 
 
 def test_linear_stochastic_rounding_depends_on_seed_and_is_reproducible():
@@ -351,6 +364,23 @@ def test_dense_grad_sqnorm(g_dtype):
     assert got[1].item() == 2 and got[0].isnan()
 
 
+# --- memory --------------------------------------------------------------------------------------
+
+def test_no_weight_sized_temporaries():
+    """torch-side allocations stay activation-sized (linear) or tokens x dim / vocab-sized ints (embedding)."""
+    w = torch.randn(512, 256, device=DEVICE).to(torch.bfloat16)
+    x, dy = torch.randn(8, 256, device=DEVICE), torch.randn(8, 512, device=DEVICE)
+    with AllocationTracker() as linear:
+        lk.linear_update_(w, x, dy, lr=0.1, clip_value=1.0, rounding="stochastic", backend="triton")
+    assert all(a.nbytes <= x.nbytes + dy.nbytes for a in linear.allocations), linear.largest
+    vocab, dim, tokens = 5000, 64, 21
+    e = torch.randn(vocab, dim, device=DEVICE).to(torch.bfloat16)
+    idx, g = torch.randint(0, vocab, (tokens,), device=DEVICE), torch.randn(tokens, dim, device=DEVICE)
+    with AllocationTracker() as embedding:
+        lk.embedding_update_(e, idx, g, lr=0.1, weight_decay=0.1, rounding="stochastic", backend="triton")
+    assert all(a.nbytes <= max(tokens * dim * 4, vocab * 4) for a in embedding.allocations), embedding.largest
+
+
 # --- the GPU build, checked without a GPU -------------------------------------------------------
 
 # Compiles kernel variants to PTX and cubin (ptxas) for sm_80 and sm_90, in a process where
@@ -449,7 +479,8 @@ def test_gpu_linear_grad_sqnorm(x_dtype):
     stats = torch.zeros(2, device="cuda")
     lk.linear_grad_sqnorm_(stats, w, x, dy, loss_scale=1024.0, method="gemm", backend="triton")
     expected = ((dy.double().t() @ x.double()) / 1024.0).square().sum()
-    torch.testing.assert_close(stats[0].double(), expected, rtol=1e-5, atol=0)
+    # 3.75M squares summed in fp32 tile by tile, then over ~240 tiles by atomics: looser than one update.
+    torch.testing.assert_close(stats[0].double(), expected, rtol=1e-4, atol=0)
     assert stats[1].item() == 0
 
 

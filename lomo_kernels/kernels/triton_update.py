@@ -243,17 +243,18 @@ def _linear(w: torch.Tensor | None, x: torch.Tensor, dy: torch.Tensor, stats: to
             rule: UpdateRule) -> None:
     """Update ``w`` (``stats`` None) or, in norm-only mode, add to ``stats`` (``w`` None)."""
     _check_device(x)
-    norm_only = w is None
-    # The kernel takes both pointers; the unused one gets a stand-in it never dereferences.
-    w_strides = (0, 0) if norm_only else w.stride()
-    w, stats = (stats, stats) if norm_only else (w, w)
+    # The kernel takes both pointers and dereferences one; the other gets a stand-in.
+    if w is None:
+        w, w_strides, norm_only = stats, (0, 0), True
+    else:
+        stats, w_strides, norm_only = w, w.stride(), False
     tokens, in_features = x.shape
     out_features = dy.shape[1]
     if in_features == 0 or out_features == 0:
         return
     # The interpreter's tl.dot is wrong on bf16 operands (numpy has no bf16); fp32 products of bf16 are exact.
     dot_in_fp32 = INTERPRETED and x.dtype == torch.bfloat16
-    fp32_dot = dot_in_fp32 or x.dtype == torch.float32
+    fp32_operands = dot_in_fp32 or x.dtype == torch.float32
     cfg = _gemm_config(x.dtype)
     grid = (triton.cdiv(out_features, cfg["BLOCK_OUT"]), triton.cdiv(in_features, cfg["BLOCK_IN"]))
     _linear_kernel[grid](w, x, dy, stats, tokens, out_features, in_features,
@@ -261,7 +262,7 @@ def _linear(w: torch.Tensor | None, x: torch.Tensor, dy: torch.Tensor, stats: to
                          *_rule_args(rule), NORM_ONLY=norm_only,
                          STOCHASTIC=rule.stochastic and w.dtype != torch.float32, DOT_IN_FP32=dot_in_fp32,
                          # "ieee": fp32 operands in full precision, not rounded to tf32 (the default).
-                         DOT_PRECISION="ieee" if fp32_dot else "tf32", **cfg, **_NO_FMA)
+                         DOT_PRECISION="ieee" if fp32_operands else "tf32", **cfg, **_NO_FMA)
 
 
 def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule) -> None:
