@@ -49,6 +49,8 @@ class CMakeBuild(build_ext):
                 raise
             print(f"WARNING: lomo_kernels._C was not built ({type(exc).__name__}: {exc}); "
                   "the 'cpu' and 'cuda' backends will be unavailable.", file=sys.stderr)
+            for ext in self.extensions:  # never ship a stale module from an earlier build
+                Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             self.extensions = []
 
     def build_extension(self, ext: Extension) -> None:
