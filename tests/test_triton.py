@@ -427,7 +427,7 @@ _GPU_BUILD_CHECK = textwrap.dedent('''
 ''')
 
 
-def test_gpu_build_compiles_with_tensor_cores_exact_division_and_no_fma_contraction():
+def test_kernels_compile_for_sm80_sm90_with_tensor_cores_exact_division_no_fma():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _GPU_BUILD_CHECK], env=env, capture_output=True, text=True,
                          timeout=300)
