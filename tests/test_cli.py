@@ -239,3 +239,30 @@ def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "lomo_kernels", "train", "--help"], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=120)
     assert done.returncode == 0 and "--resume" in done.stdout and "(default: lomo)" in done.stdout
+
+
+def test_no_arguments_runs_the_embedded_default(monkeypatch, capsys):
+    import lomo_kernels.training as training
+
+    seen = {}
+    monkeypatch.setattr(training, "run_training", lambda args, explicit: seen.update(args=args, explicit=explicit))
+    assert main([]) == 0
+    args = seen["args"]
+    assert (args.model, args.data, args.optimizer, args.output) == ("small", None, "lomo", "runs/default")
+    assert seen["explicit"] == set()
+    assert "running the default" in capsys.readouterr().out
+
+
+def test_plan_subcommand_is_wired_to_the_memory_planner(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--help"])
+    assert done.value.code == 0 and "--method" in capsys.readouterr().out
+
+
+def test_plain_loop_example_runs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "python" / "train_plain_loop.py"), "--steps", "12",
+                           "--batch-size", "2", "--seq-len", "32", "--output", str(tmp_path / "m")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "held-out loss" in done.stdout and (tmp_path / "m" / "model.safetensors").is_file()
