@@ -15,9 +15,9 @@ import argparse
 import torch
 
 import lomo_kernels
+from lomo_kernels.memory.tracker import peak_bytes_profiled
 
-from .common import MiB, bench_device, device_record, new_figure, peak_bytes_profiled, save_figure, time_fn, \
-    write_results
+from .common import MiB, bench_device, device_record, new_figure, save_figure, time_fn, write_results
 
 LLAMA7B_LINEARS = {"attn 4096x4096": (4096, 4096), "mlp-up 11008x4096": (11008, 4096),
                    "mlp-down 4096x11008": (4096, 11008)}
@@ -47,7 +47,7 @@ def _variants(w, x, dy, clip: float | None, device):
     return out
 
 
-def run(out_dir: str, quick: bool = False, scale: int = 4, repeats: int = 5) -> list[dict]:
+def run(out_dir: str, quick: bool = False, scale: int = 8, repeats: int = 5) -> list[dict]:
     device = bench_device()
     tokens_list = (128, 512) if quick else (128, 512, 1024, 2048, 4096)
     shapes = dict(list(LLAMA7B_LINEARS.items())[:1]) if quick else LLAMA7B_LINEARS
@@ -104,7 +104,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--scale", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     run(args.out, args.quick, args.scale, args.repeats)

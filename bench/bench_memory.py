@@ -33,7 +33,7 @@ def _row(section: str, r, paper: float | None = None) -> dict:
 
 
 def run(out_dir: str, quick: bool = False) -> list[dict]:
-    sample = 1 if quick else 2  # layers measured (and twice that), extrapolated to the full depth
+    sample = 1  # layers measured (and twice that), extrapolated to the full depth
     methods = ("adamw", "sgd", "lomo-optim") if quick else METHODS
     rows = [_row("paper check", plan("llama-7b", m, "fp16", PAPER_BATCH, PAPER_SEQ, sample_layers=sample),
                  PAPER_7B.get(m)) for m in methods]

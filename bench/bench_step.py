@@ -17,9 +17,9 @@ import copy
 import torch
 
 from lomo_kernels.memory.methods import FUSED_METHODS, METHODS, StepConfig, Trainer
-from lomo_kernels.memory.tracker import CATEGORIES, MemoryTracker
+from lomo_kernels.memory.tracker import CATEGORIES, MemoryTracker, peak_bytes_profiled
 
-from .common import MiB, device_record, new_figure, peak_bytes_profiled, save_figure, time_fn, write_results
+from .common import MiB, device_record, new_figure, save_figure, time_fn, write_results
 
 CLIP = 1.0
 

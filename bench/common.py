@@ -49,21 +49,6 @@ def time_fn(fn, repeats: int, warmup: int = 1, device: torch.device = torch.devi
     return Timing(statistics.median(samples), q1, q3, len(samples))
 
 
-def peak_bytes_profiled(fn) -> int:
-    """Peak of bytes allocated and not yet freed while ``fn()`` runs, above what was live before, from the
-    torch profiler's allocator events (every c10 allocation, including those inside custom ops)."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities, profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def device_record() -> dict:
     """What the numbers were measured on."""
     import lomo_kernels

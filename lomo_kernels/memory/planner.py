@@ -66,7 +66,11 @@ def build_model(config, dtype: torch.dtype, checkpointing: bool, attn: str = "sd
     config._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the older name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
     return model.train()
 
@@ -77,7 +81,17 @@ def _with_layers(config, layers: int):
     return config
 
 
-def _measure(config, method, dtype, batch_size, seq_len, checkpointing, clip_grad_norm, attn, backend):
+_MEASURED: dict[tuple, tuple] = {}  # (config json, step settings) -> _measure's result; plans are deterministic
+
+
+def _measure(config, *settings):
+    key = (config.to_json_string(), settings)
+    if key not in _MEASURED:
+        _MEASURED[key] = _measure_uncached(config, *settings)
+    return _MEASURED[key]
+
+
+def _measure_uncached(config, method, dtype, batch_size, seq_len, checkpointing, clip_grad_norm, attn, backend):
     """Split at the peak of the second of two steps on the fake model; gathered-layer bytes; parameter count."""
     tracker = MemoryTracker()
     with FakeTensorMode(allow_non_fake_inputs=False), _DataFreeAnswers():

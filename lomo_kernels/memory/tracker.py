@@ -168,3 +168,19 @@ class MemoryTracker(TorchDispatchMode):
                 split[category] -= nbytes
                 split[moved] += nbytes
         return MemoryReport(self._peak, split, dict(self._by_category))
+
+
+def peak_bytes_profiled(fn) -> int:
+    """Peak of the bytes allocated and not yet freed while ``fn()`` runs (above what was live before), from
+    the torch profiler's allocator events: every c10 allocation, including those inside custom ops.
+    An independent check on ``MemoryTracker``, for real tensors only."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
