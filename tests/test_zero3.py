@@ -80,6 +80,18 @@ def test_good_configs_pass():
                         "bf16": {"enabled": True}, "gradient_accumulation_steps": 1, "gradient_clipping": 0})
 
 
+@needs_deepspeed
+def test_shipped_65b_config_is_accepted():
+    import json
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    config = json.loads((Path(__file__).parents[1] / "python" / "zero3_llama65b_8x3090.json").read_text())
+    check_zero3_config(config)
+    zero = DeepSpeedZeroConfig(**config["zero_optimization"])  # DeepSpeed's own schema (unknown keys fail)
+    assert zero.stage == 3 and zero.param_persistence_threshold == 10000
+
+
 def test_resume_layout_checks():
     check_resume(2, 1, 2, 1)
     with pytest.raises(ValueError, match="shards of 8 data-parallel ranks, this run has 2"):
@@ -183,6 +195,15 @@ def test_routes_taken(two_rank_run):
         else:
             assert linear_routes == {strategy}
         assert routes["model.norm.weight"] == "reduce_scatter"  # small parameters: from their gradient
+
+
+def test_persistent_and_partitioned_parameters_both_present(two_rank_run):
+    """Parameters under the persistence threshold stay gathered between steps: the run covers them
+    (their stale full copies must be refreshed after each update) and ordinary partitioned ones."""
+    persistent = set(two_rank_run["results"]["reduce_scatter"]["persistent"])
+    assert "model.norm.weight" in persistent
+    assert "model.layers.0.mlp.up_proj.bias" not in persistent  # 75 elements: padded on rank 1
+    assert "model.layers.0.mlp.up_proj.weight" not in persistent
 
 
 def test_activation_gather_allocates_nothing_weight_sized(two_rank_run):

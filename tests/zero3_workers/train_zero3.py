@@ -23,12 +23,12 @@ MODEL = dict(vocab_size=101, hidden_size=64, intermediate_size=75, num_hidden_la
 DS_CONFIG = {"train_micro_batch_size_per_gpu": LOCAL_BATCH,
              # 70 elements: the norm weights and q/o biases stay gathered (persistent), the rest does not
              "zero_optimization": {"stage": 3, "param_persistence_threshold": 70}}
-CASES = {  # name -> (strategy, Lomo keyword arguments)
-    "reduce_scatter": ("reduce_scatter", dict(lr=0.05, weight_decay=0.01)),
-    "activation_gather": ("activation_gather", dict(lr=0.05, weight_decay=0.01)),
-    "reduce_scatter_clip": ("reduce_scatter", dict(lr=0.5, clip_grad_norm=0.3)),
-    "activation_gather_clip": ("activation_gather", dict(lr=0.5, clip_grad_norm=0.3, clip_grad_value=0.02)),
-    "auto_clip": ("auto", dict(lr=0.5, clip_grad_norm=0.3, weight_decay=0.01)),
+CASES = {  # name -> (strategy, Lomo keyword arguments, gradient checkpointing)
+    "reduce_scatter": ("reduce_scatter", dict(lr=0.05, weight_decay=0.01), False),
+    "activation_gather": ("activation_gather", dict(lr=0.05, weight_decay=0.01), False),
+    "reduce_scatter_clip": ("reduce_scatter", dict(lr=0.5, clip_grad_norm=0.3), False),
+    "activation_gather_clip": ("activation_gather", dict(lr=0.5, clip_grad_norm=0.3, clip_grad_value=0.02), False),
+    "auto_clip": ("auto", dict(lr=0.5, clip_grad_norm=0.3, weight_decay=0.01), True),
 }
 
 
@@ -75,10 +75,12 @@ def run_case(name, rank):
     from lomo_kernels.integrations.deepspeed import attach
     from lomo_kernels.optim import Lomo
 
-    strategy, lomo_args = CASES[name]
+    strategy, lomo_args, checkpointing = CASES[name]
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
         model = LlamaForCausalLM(LlamaConfig(**MODEL))
+    if checkpointing:  # layers recomputed inside backward: DeepSpeed gathers them a second time
+        model.gradient_checkpointing_enable()
     optimizer = Lomo(model, backend="torch", **lomo_args)
     updater = attach(optimizer, DS_CONFIG, strategy=strategy)
     initial = updater.full_state_dict()
@@ -92,7 +94,8 @@ def run_case(name, rank):
             norms.append(optimizer.grad_norm(loss))
         optimizer.fused_backward(loss, optimizer.lr)
     result = dict(initial=initial, final=updater.full_state_dict(), norms=norms, records=records,
-                  routes=dict(updater.last_strategy), lomo_args=lomo_args)
+                  routes=dict(updater.last_strategy), lomo_args=lomo_args,
+                  persistent=sorted(n for n, p in model.named_parameters() if p.ds_persist))
     if name == "reduce_scatter":
         result["resume"] = check_resume(updater)
     return result
