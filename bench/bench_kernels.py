@@ -22,6 +22,7 @@ from .common import MiB, bench_device, device_record, new_figure, save_figure, t
 LLAMA7B_LINEARS = {"attn 4096x4096": (4096, 4096), "mlp-up 11008x4096": (11008, 4096),
                    "mlp-down 4096x11008": (4096, 11008)}
 LR, CLIP = 1e-3, 0.01
+_TIME = "median_ms" if torch.cuda.is_available() else "cpu_ms"  # the plotted time
 
 
 def _backends(device: torch.device) -> list[str]:
@@ -67,12 +68,15 @@ def run(out_dir: str, quick: bool = False, scale: int = 8, repeats: int = 5) -> 
                     t = time_fn(fn, repeats, device=device)
                     rows.append({"layer": label, "shape": f"{out_f}x{in_f}", "tokens": tokens,
                                  "rule": "sgd" if clip is None else "sgd+clip_value", "variant": name,
-                                 "median_ms": round(t.median_ms, 3), "iqr_ms": t.spread, "repeats": t.repeats,
+                                 "median_ms": round(t.median_ms, 3), "iqr_ms": t.spread,
+                                 "cpu_ms": round(t.cpu_median_ms, 3), "repeats": t.repeats,
                                  "peak_MiB": round(peak_bytes_profiled(fn) / MiB, 3),
                                  "weight_MiB": round(w.numel() * w.element_size() / MiB, 3)})
     notes = [f"fp32 weights and activations; lr {LR}; clip_value {CLIP} for the sgd+clip_value rule; "
              f"shapes are LLaMA-7B's divided by {scale}",
-             "median and interquartile range (iqr) of wall time over the repeats, after one warm-up run",
+             "median and interquartile range (iqr) of wall time over the repeats, after one warm-up run; "
+             "cpu_ms: median CPU time of the process (on a shared machine the wall time also counts other "
+             "processes' turns; the CPU time does not)",
              "peak_MiB: bytes allocated during the call and not yet freed, at their peak (torch profiler "
              "allocator events); the hook and the matmul floor hold a weight-sized gradient, fused ones do not",
              "fused[cpu] is the compiled C++ backend, fused[torch] the plain-torch reference (row-blocked)"]
@@ -89,12 +93,12 @@ def _plot(rows, out_dir):
         sel = [r for r in rows if r["layer"] == layer and r["rule"] == rule or
                (r["layer"] == layer and r["variant"] == "matmul")]
         for variant in dict.fromkeys(r["variant"] for r in sel):
-            pts = [(r["tokens"], r["median_ms"]) for r in sel if r["variant"] == variant]
+            pts = [(r["tokens"], r[_TIME]) for r in sel if r["variant"] == variant]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens")
-        ax.set_ylabel("median ms")
+        ax.set_ylabel(f"{_TIME} (median)")
         ax.set_title(f"{layer} ({rows[0]['shape']}), {rule}")
         ax.legend(fontsize=8)
     return save_figure(fig, out_dir, "kernels")

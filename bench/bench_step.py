@@ -86,7 +86,7 @@ def measure(base_model, batch, method: str, clip: float | None, repeats: int) ->
     trainer.close()
     report = tracker.report()
     row = {"method": method, "clip_norm": "yes" if clip else "no", "median_ms": round(timing.median_ms, 1),
-           "iqr_ms": timing.spread, "repeats": timing.repeats}
+           "iqr_ms": timing.spread, "cpu_ms": round(timing.cpu_median_ms, 1), "repeats": timing.repeats}
     row.update({f"{c}_MiB": round(report.at_peak[c] / MiB, 2) for c in CATEGORIES})
     row["tracked_peak_MiB"] = round(report.peak_bytes / MiB, 2)
     row["profiled_peak_MiB"] = round(profiled / MiB, 2)
@@ -106,7 +106,8 @@ def run(out_dir: str, quick: bool = False, repeats: int = 5) -> list[dict]:
             rows.append(row)
     notes = ["fp32, CPU; lr 1e-4; 'clip_norm yes' is global-norm clipping at 1.0 (torch: clip_grad_norm_; "
              "LOMO methods: their two-backward grad_norm protocol)",
-             "median and interquartile range of the step time after one warm-up step",
+             "median and interquartile range of the step's wall time after one warm-up step; cpu_ms: median "
+             "CPU time of the process (robust to other processes sharing the machine)",
              "*_MiB by category: the split at the tracked peak of a steady-state step (MemoryTracker: "
              "activations = created in forward, temporaries = created in backward/update and neither a "
              "gradient nor optimizer state)",

@@ -15,9 +15,10 @@ MiB = float(1 << 20)
 
 @dataclass
 class Timing:
-    median_ms: float
+    median_ms: float      # wall clock
     q1_ms: float
     q3_ms: float
+    cpu_median_ms: float  # CPU time of this process: on a shared machine, not inflated by other processes
     repeats: int
 
     @property
@@ -30,30 +31,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, repeats: int, warmup: int = 1, device: torch.device = torch.device("cpu"), setup=None) -> Timing:
-    """Median and interquartile range of ``fn()`` wall time over ``repeats`` runs; ``setup()`` runs untimed before each."""
-    samples = []
+def time_fn(fn, repeats: int, warmup: int = 1, device: torch.device = torch.device("cpu")) -> Timing:
+    """Median and interquartile range of ``fn()``'s wall time over ``repeats`` runs (after ``warmup``),
+    and the median CPU time."""
+    wall, cpu = [], []
     for i in range(warmup + repeats):
-        if setup is not None:
-            setup()
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
         if i >= warmup:
-            samples.append((time.perf_counter() - t0) * 1e3)
-    if len(samples) >= 4:
-        q1, _, q3 = statistics.quantiles(samples, n=4)
+            wall.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
+    if len(wall) >= 4:
+        q1, _, q3 = statistics.quantiles(wall, n=4)
     else:
-        q1, q3 = min(samples), max(samples)
-    return Timing(statistics.median(samples), q1, q3, len(samples))
+        q1, q3 = min(wall), max(wall)
+    return Timing(statistics.median(wall), q1, q3, statistics.median(cpu), len(wall))
+
+
+def load_average() -> str:
+    try:
+        return "%.1f %.1f %.1f" % os.getloadavg()
+    except OSError:
+        return "unknown"
 
 
 def device_record() -> dict:
     """What the numbers were measured on."""
     import lomo_kernels
     rec = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-           "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+           "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "load average at the end": load_average(),
            "backends": ", ".join(n for n, info in lomo_kernels.available_backends().items() if info.available)}
     if torch.cuda.is_available():
         rec["gpu"] = torch.cuda.get_device_name(0)

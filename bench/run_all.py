@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from . import bench_kernels, bench_memory, bench_step
 
 SUITES = {"kernels": bench_kernels.run, "step": bench_step.run, "memory": bench_memory.run}
@@ -18,7 +20,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results", help="folder for the result files")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke run")
     parser.add_argument("--only", choices=tuple(SUITES), action="append", help="run only these suites")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     for name in args.only or SUITES:
         t0 = time.perf_counter()
         SUITES[name](args.out, quick=args.quick)
