@@ -48,10 +48,6 @@ class MasterWeights:
             with torch.no_grad():
                 p.copy_(master)
 
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
     def state_tensors(self):
         yield from self.masters
         yield from _state_of(self.optimizer)

@@ -142,6 +142,9 @@ class _DataFreeAnswers(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+_SHOWN = CATEGORIES + ("gathered_layer",)
+
+
 @dataclass
 class PlanResult:
     model: str
@@ -179,9 +182,6 @@ class PlanResult:
         if self.gpu_gib is not None:
             out["fits"] = f"{'yes' if self.fits else 'no'} ({self.gpu_gib:g} GiB)"
         return out
-
-
-_SHOWN = CATEGORIES + ("gathered_layer",)
 
 
 def plan(model: str = "llama-7b", method: str = "lomo", dtype: str = "fp16", batch_size: int = 1,

@@ -49,9 +49,6 @@ class MemoryReport:
     at_peak: dict[str, int]
     final: dict[str, int] = field(default_factory=dict)  # live at the end, by category
 
-    def gib(self, category: str | None = None) -> float:
-        return (self.peak_bytes if category is None else self.at_peak[category]) / GiB
-
 
 class MemoryTracker(TorchDispatchMode):
     """Counts live storage bytes by category; ``with tracker:`` (inside a FakeTensorMode, if any)."""
