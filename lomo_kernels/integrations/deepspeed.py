@@ -90,15 +90,25 @@ class Zero3Updater:
     def sums_contributions(self) -> bool:
         return self.optimizer.sums_contributions()
 
-    def linear(self, param, x, dy, *, apply_decay=True):
+    def _active(self) -> bool:
+        """A skipped step's backward (non-finite norm, the same decision on every rank) only frees
+        the graph: no communication, no update."""
+        if self.optimizer.phase == "skip":
+            return False
         self._queue_end_of_backward()
+        return True
+
+    def linear(self, param, x, dy, *, apply_decay=True):
+        if not self._active():
+            return
         info = self.shards[id(param)]
         out_f, in_f = info.shape
         x2, dy2 = x.reshape(-1, in_f), dy.reshape(-1, out_f)
         route = self._route(info, choose_strategy(x2.shape[0] * self.world_size * (in_f + out_f), in_f * out_f))
         if route == "reduce_scatter":
-            grad = dy2.t().to(torch.float32) @ x2.to(torch.float32)  # the one layer gradient alive now
-            self._apply_reduced(param, info, grad.view(-1), apply_decay)
+            padded = self._padded_buffer(param, info)  # the one layer gradient alive now
+            torch.mm(dy2.t().to(torch.float32), x2.to(torch.float32), out=padded[:info.numel].view(out_f, in_f))
+            self._apply_reduced(param, info, padded, apply_decay)
             return
         xs, dys = self._gather_tokens(x2), self._gather_tokens(dy2)
         dys.mul_(1.0 / self.world_size)  # the data-parallel mean, as DeepSpeed averages gradients
@@ -109,29 +119,35 @@ class Zero3Updater:
                                       dys[:, block.row0:block.row0 + block.rows], apply_decay=apply_decay)
 
     def embedding(self, param, indices, dy, padding_idx, *, apply_decay=True):
-        self._queue_end_of_backward()
+        if not self._active():
+            return
         info = self.shards[id(param)]
         vocab, dim = info.shape
         idx, rows = indices.reshape(-1), dy.reshape(-1, dim)
         route = self._route(info, choose_strategy(idx.numel() * self.world_size * (dim + 1), vocab * dim))
         if route == "reduce_scatter":
-            grad = _embedding_grad(idx, rows, padding_idx, 0, vocab, dim)  # one full embedding gradient
-            self._apply_reduced(param, info, grad.view(-1), apply_decay)
+            padded = self._padded_buffer(param, info)  # one full embedding gradient
+            _embedding_grad(idx, rows, padding_idx, 0, vocab, padded[:info.numel].view(vocab, dim))
+            self._apply_reduced(param, info, padded, apply_decay)
             return
         idx, rows = self._gather_tokens(idx), self._gather_tokens(rows)
         if info.end <= info.start:
             return
         row0, row1 = info.start // dim, -(-info.end // dim)
-        grad = _embedding_grad(idx, rows, padding_idx, row0, row1, dim).view(-1)  # shard-sized, not weight-sized
-        grad = grad[info.start - row0 * dim:info.end - row0 * dim].mul_(1.0 / self.world_size)
+        covering = rows.new_empty((row1 - row0, dim), dtype=torch.float32)  # shard-sized, not weight-sized
+        _embedding_grad(idx, rows, padding_idx, row0, row1, covering)
+        grad = covering.view(-1)[info.start - row0 * dim:info.end - row0 * dim].mul_(1.0 / self.world_size)
         with _param_data(param, _flat_shard(param, info)):
             self.optimizer.dense(param, grad, apply_decay=apply_decay)
 
     def dense(self, param, grad, *, apply_decay=True):
-        self._queue_end_of_backward()
+        if not self._active():
+            return
         info = self.shards[id(param)]
         self.last_strategy[info.name] = "reduce_scatter"
-        self._apply_reduced(param, info, grad.reshape(-1).to(torch.float32), apply_decay)
+        padded = self._padded_buffer(param, info)
+        padded[:info.numel].copy_(grad.reshape(-1))
+        self._apply_reduced(param, info, padded, apply_decay)
 
     # --- the two routes' pieces --------------------------------------------------------------------
 
@@ -147,13 +163,17 @@ class Zero3Updater:
         _all_gather_single(out, local, self.group)
         return out
 
-    def _apply_reduced(self, param, info: _ShardInfo, flat_grad: torch.Tensor, apply_decay: bool):
-        """Reduce-scatter a full flat gradient (every rank passes its own) and update this rank's shard."""
-        padded = info.partition_size * self.world_size
-        if flat_grad.numel() != padded:
-            flat_grad = torch.nn.functional.pad(flat_grad, (0, padded - flat_grad.numel()))
-        shard = flat_grad.new_empty(info.partition_size)
-        dist.reduce_scatter_tensor(shard, flat_grad.contiguous(), group=self.group)
+    def _padded_buffer(self, param, info: _ShardInfo) -> torch.Tensor:
+        """fp32 [W·P] for a full gradient: its first ``numel`` entries are written, the padding is zero."""
+        buffer = torch.empty(info.partition_size * self.world_size, dtype=torch.float32,
+                             device=param.ds_tensor.device)
+        buffer[info.numel:].zero_()
+        return buffer
+
+    def _apply_reduced(self, param, info: _ShardInfo, padded: torch.Tensor, apply_decay: bool):
+        """Reduce-scatter a full padded gradient (every rank passes its own) and update this rank's shard."""
+        shard = padded.new_empty(info.partition_size)
+        dist.reduce_scatter_tensor(shard, padded, group=self.group)
         if info.end <= info.start:
             return
         grad = shard[:info.end - info.start].mul_(1.0 / self.world_size)
@@ -254,14 +274,13 @@ def _all_gather_single(out, local, group):
     gather(out, local, group=group)
 
 
-def _embedding_grad(idx, rows, padding_idx, row0, row1, dim):
-    """fp32 gradient of embedding rows ``[row0, row1)`` from the lookups ``idx`` with output gradients ``rows``."""
+def _embedding_grad(idx, rows, padding_idx, row0, row1, out):
+    """Write into ``out`` (fp32 [row1 - row0, dim]) the gradient of embedding rows ``[row0, row1)``
+    from the lookups ``idx`` whose output gradients are ``rows``."""
     keep = (idx >= row0) & (idx < row1)
     if padding_idx is not None:
         keep &= idx != padding_idx
-    grad = torch.zeros(row1 - row0, dim, dtype=torch.float32, device=rows.device)
-    grad.index_add_(0, idx[keep] - row0, rows[keep].to(torch.float32))
-    return grad
+    out.zero_().index_add_(0, idx[keep] - row0, rows[keep].to(torch.float32))
 
 
 def _partition_group(model: nn.Module):

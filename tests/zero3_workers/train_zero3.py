@@ -23,19 +23,21 @@ MODEL = dict(vocab_size=101, hidden_size=64, intermediate_size=75, num_hidden_la
 DS_CONFIG = {"train_micro_batch_size_per_gpu": LOCAL_BATCH,
              # 70 elements: the norm weights and q/o biases stay gathered (persistent), the rest does not
              "zero_optimization": {"stage": 3, "param_persistence_threshold": 70}}
-CASES = {  # name -> (strategy, Lomo keyword arguments, gradient checkpointing)
-    "reduce_scatter": ("reduce_scatter", dict(lr=0.05, weight_decay=0.01), False),
-    "activation_gather": ("activation_gather", dict(lr=0.05, weight_decay=0.01), False),
-    "reduce_scatter_clip": ("reduce_scatter", dict(lr=0.5, clip_grad_norm=0.3), False),
-    "activation_gather_clip": ("activation_gather", dict(lr=0.5, clip_grad_norm=0.3, clip_grad_value=0.02), False),
-    "auto_clip": ("auto", dict(lr=0.5, clip_grad_norm=0.3, weight_decay=0.01), True),
+CASES = {  # name -> (strategy, Lomo keyword arguments, gradient checkpointing, poisoned (step, rank) or None)
+    "reduce_scatter": ("reduce_scatter", dict(lr=0.05, weight_decay=0.01), False, None),
+    "activation_gather": ("activation_gather", dict(lr=0.05, weight_decay=0.01), False, None),
+    "reduce_scatter_clip": ("reduce_scatter", dict(lr=0.5, clip_grad_norm=0.3), False, None),
+    "activation_gather_clip": ("activation_gather", dict(lr=0.5, clip_grad_norm=0.3, clip_grad_value=0.02), False,
+                               None),
+    # rank 1's loss is inf at step 1 (a 4th step keeps 3 applied ones): both ranks must skip that step
+    "auto_clip": ("auto", dict(lr=0.5, clip_grad_norm=0.3, weight_decay=0.01), True, (1, 1)),
 }
 
 
 def batches():
-    """The same global batches on every rank: [STEPS, WORLD_SIZE * LOCAL_BATCH, SEQ] token ids."""
+    """The same global batches on every rank: [STEPS + 1, WORLD_SIZE * LOCAL_BATCH, SEQ] token ids."""
     gen = torch.Generator().manual_seed(1234)
-    return torch.randint(0, MODEL["vocab_size"], (STEPS, WORLD_SIZE * LOCAL_BATCH, SEQ), generator=gen)
+    return torch.randint(0, MODEL["vocab_size"], (STEPS + 1, WORLD_SIZE * LOCAL_BATCH, SEQ), generator=gen)
 
 
 class LargestNewStorage(TorchDispatchMode):
@@ -75,7 +77,7 @@ def run_case(name, rank):
     from lomo_kernels.integrations.deepspeed import attach
     from lomo_kernels.optim import Lomo
 
-    strategy, lomo_args, checkpointing = CASES[name]
+    strategy, lomo_args, checkpointing, poisoned = CASES[name]
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
         model = LlamaForCausalLM(LlamaConfig(**MODEL))
@@ -84,16 +86,20 @@ def run_case(name, rank):
     optimizer = Lomo(model, backend="torch", **lomo_args)
     updater = attach(optimizer, DS_CONFIG, strategy=strategy)
     initial = updater.full_state_dict()
-    records, norms = [], []
+    records, norms, skipped = [], [], []
     trace_linear_updates(updater, records)
     data = batches()
-    for step in range(STEPS):
+    for step in range(STEPS + (poisoned is not None)):
         ids = data[step, rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
         loss = model(input_ids=ids, labels=ids).loss
+        if (step, rank) == poisoned:
+            loss = loss * float("inf")
         if optimizer.clip_grad_norm is not None:
             norms.append(optimizer.grad_norm(loss))
         optimizer.fused_backward(loss, optimizer.lr)
-    result = dict(initial=initial, final=updater.full_state_dict(), norms=norms, records=records,
+        skipped.append(optimizer.skipped_step)
+    result = dict(initial=initial, final=updater.full_state_dict(), norms=norms, records=records, skipped=skipped,
+                  poisoned=poisoned,
                   routes=dict(updater.last_strategy), lomo_args=lomo_args,
                   persistent=sorted(n for n, p in model.named_parameters() if p.ds_persist))
     if name == "reduce_scatter":
