@@ -1,6 +1,6 @@
 """One training step of small transformers, per method: time and peak memory by category.
 
-Two real ``transformers`` models sized for a CPU, fp32:
+Two real ``transformers`` models sized for a CPU, fp32 (on the GPU when there is one):
     llama-weights     LLaMA-style, few tokens per step: parameters dominate memory
     gpt2-activations  GPT-2-style, many tokens per step: activations dominate memory
 Methods (lomo_kernels.memory.methods): the forward+backward floor, torch SGD, torch AdamW, lomo-optim's
@@ -19,7 +19,7 @@ import torch
 from lomo_kernels.memory.methods import FUSED_METHODS, METHODS, StepConfig, Trainer
 from lomo_kernels.memory.tracker import CATEGORIES, MemoryTracker, peak_bytes_profiled
 
-from .common import MiB, device_record, new_figure, save_figure, time_fn, write_results
+from .common import MiB, bench_device, device_record, new_figure, save_figure, time_fn, write_results
 
 CLIP = 1.0
 
@@ -44,12 +44,12 @@ def build(config_factory, seed: int = 0):
     torch.manual_seed(seed)
     config = config_factory()
     config._attn_implementation = "eager"
-    return AutoModelForCausalLM.from_config(config).train()
+    return AutoModelForCausalLM.from_config(config).to(bench_device()).train()
 
 
 def _batch(model, batch_size, seq_len, seed=1):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=g).to(bench_device())
     return {"input_ids": ids, "labels": ids}
 
 
@@ -71,7 +71,7 @@ def measure(base_model, batch, method: str, clip: float | None, repeats: int) ->
     # timing: a fresh copy, one warm-up step (creates optimizer state), then the repeats
     model = copy.deepcopy(base_model)
     trainer = Trainer(model, cfg)
-    timing = time_fn(lambda: trainer.step(batch), repeats)
+    timing = time_fn(lambda: trainer.step(batch), repeats, device=bench_device())
     profiled = peak_bytes_profiled(lambda: trainer.step(batch))
     trainer.close()
     # memory by category: another fresh copy under the tracker, peak of the second (steady-state) step
@@ -104,8 +104,8 @@ def run(out_dir: str, quick: bool = False, repeats: int = 5) -> list[dict]:
             row = {"model": name, "params_M": round(n_params / 1e6, 2), "tokens": batch_size * seq_len}
             row.update(measure(base, batch, method, clip, repeats))
             rows.append(row)
-    notes = ["fp32, CPU; lr 1e-4; 'clip_norm yes' is global-norm clipping at 1.0 (torch: clip_grad_norm_; "
-             "LOMO methods: their two-backward grad_norm protocol)",
+    notes = [f"fp32 on {bench_device().type}; lr 1e-4; 'clip_norm yes' is global-norm clipping at 1.0 "
+             "(torch: clip_grad_norm_; LOMO methods: their two-backward grad_norm protocol)",
              "median and interquartile range of the step's wall time after one warm-up step; cpu_ms: median "
              "CPU time of the process (robust to other processes sharing the machine)",
              "*_MiB by category: the split at the tracked peak of a steady-state step (MemoryTracker: "

@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     for name in args.only or SUITES:
         t0 = time.perf_counter()
         SUITES[name](args.out, quick=args.quick)
-        print(f"{name}: {time.perf_counter() - t0:.0f} s -> {args.out}/{name if name != 'memory' else 'memory_plan'}.md",
-              flush=True)
+        table = "memory_plan" if name == "memory" else name
+        print(f"{name}: {time.perf_counter() - t0:.0f} s -> {args.out}/{table}.md", flush=True)
     return 0
 
 
