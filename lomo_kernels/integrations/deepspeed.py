@@ -44,7 +44,7 @@ def _deepspeed():
     try:
         import deepspeed
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("ZeRO-3 support needs deepspeed (pip install --no-build-isolation deepspeed==0.19.8)") from err
+        raise ImportError("ZeRO-3 support needs deepspeed: pip install --no-build-isolation deepspeed==0.19.8") from err
     return deepspeed
 
 

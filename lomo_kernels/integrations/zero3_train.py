@@ -30,7 +30,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="local Hugging Face model directory (config, weights, tokenizer)")
-    p.add_argument("--data", nargs="+", required=True, help=".jsonl ({'text'} or {'prompt','completion'}) or text files")
+    p.add_argument("--data", nargs="+", required=True, help=".jsonl ({'text'} / {'prompt','completion'}) or text files")
     p.add_argument("--ds-config", required=True, help="DeepSpeed JSON config (ZeRO stage 3, no optimizer section)")
     p.add_argument("--output", required=True, help="directory for shard checkpoints and the exported model")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
