@@ -1,0 +1,110 @@
+"""Hugging Face ``Trainer`` with lomo_kernels' fused optimizers.
+
+Switching from ``Trainer`` is two lines::
+
+    from lomo_kernels.integrations.transformers import LomoTrainer
+
+    trainer = LomoTrainer(model=model, args=args, train_dataset=ds,
+                          optimizer_name="adalomo",              # or "lomo" (the default)
+                          optimizer_kwargs={"statistics": "recompute"})
+    trainer.train()                                             # resume_from_checkpoint=... works too
+
+What ``TrainingArguments`` mean here:
+
+* ``learning_rate``, ``weight_decay``, ``lr_scheduler_type``/warmup: as usual; the scheduler drives
+  ``param_groups[0]["lr"]``, which the fused backward uses.
+* ``max_grad_norm > 0``: exact global-norm clipping. Each step runs ``grad_norm(loss)`` (a norm-only
+  backward) before ``fused_backward``. The Trainer's ``optim="lomo"`` route cannot clip: it only
+  calls ``fused_backward``, and with lomo-optim that raises once ``clip_grad_norm`` is set.
+* Logs: ``loss``, ``grad_norm`` (from the norm phase; absent when a step has none), ``learning_rate``,
+  ``skipped_steps`` (steps skipped for a non-finite gradient, cumulative) and, with fp16 weights,
+  ``loss_scale``.
+* Checkpoints: the optimizer's ``state_dict`` (AdaLomo statistics, step, loss scaler, rounding seed)
+  is saved as ``optimizer.pt`` with the model and restored on resume.
+
+Not supported (raise at construction): ``gradient_accumulation_steps > 1`` (a fused update cannot
+accumulate gradients: none are kept) and ``fp16=True``/``bf16=True`` (autocast with a GradScaler, or
+mixed weights; load the model in ``torch.float16``/``torch.bfloat16`` instead: the optimizer does fp16
+loss scaling and bf16 stochastic rounding itself).
+"""
+from __future__ import annotations
+
+from transformers import Trainer
+
+from ..optim import AdaLomo, Lomo
+from ..optim.base import FusedOptimizer
+
+OPTIMIZERS = {"lomo": Lomo, "adalomo": AdaLomo}
+
+
+def build_optimizer(model, args, optimizer_name: str = "lomo", **optimizer_kwargs) -> FusedOptimizer:
+    """The fused optimizer a ``LomoTrainer`` builds from ``TrainingArguments`` (``learning_rate``,
+    ``weight_decay``, ``max_grad_norm``, ``seed``); ``optimizer_kwargs`` override or extend them."""
+    if optimizer_name not in OPTIMIZERS:
+        raise ValueError(f"optimizer_name must be one of {sorted(OPTIMIZERS)}, got {optimizer_name!r}")
+    kwargs = dict(lr=args.learning_rate, weight_decay=args.weight_decay,
+                  clip_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+                  seed=args.seed % 2**32)
+    kwargs.update(optimizer_kwargs)
+    return OPTIMIZERS[optimizer_name](model, **kwargs)
+
+
+class LomoTrainer(Trainer):
+    """``Trainer`` whose backward pass applies a ``Lomo``/``AdaLomo`` update (see the module doc)."""
+
+    def __init__(self, *args, optimizer_name: str = "lomo", optimizer_kwargs: dict | None = None, **kwargs):
+        if optimizer_name not in OPTIMIZERS:
+            raise ValueError(f"optimizer_name must be one of {sorted(OPTIMIZERS)}, got {optimizer_name!r}")
+        super().__init__(*args, **kwargs)
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError("LomoTrainer needs gradient_accumulation_steps=1: fused updates keep no gradient "
+                             "to accumulate (use a larger per_device_train_batch_size)")
+        if self.args.fp16 or self.args.bf16:
+            raise ValueError("LomoTrainer does not use autocast mixed precision (fp16=/bf16=True): load the model "
+                             "in torch.float16 or torch.bfloat16; the optimizer does loss scaling / stochastic "
+                             "rounding itself")
+        self.optimizer_name = optimizer_name
+        self.optimizer_kwargs = dict(optimizer_kwargs or {})
+
+    @property
+    def fused_optimizer(self) -> FusedOptimizer:
+        """The lomo_kernels optimizer (``self.optimizer`` may be accelerate's wrapper around it)."""
+        opt = self.optimizer
+        while not isinstance(opt, FusedOptimizer):
+            if opt is None:
+                raise RuntimeError("the optimizer is created when training starts")
+            opt = opt.optimizer
+        return opt
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(model if model is not None else self.model, self.args,
+                                             self.optimizer_name, **self.optimizer_kwargs)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        del inputs
+        opt = self.fused_optimizer
+        if opt.needs_norm_phase:
+            opt.grad_norm(loss)
+        opt.fused_backward(loss, self._get_learning_rate())
+        return loss.detach()
+
+    # There are no gradients for the Trainer to clip or measure: report the norm phase's norm.
+    def _clip_grad_norm(self, model):
+        return self.fused_optimizer.last_grad_norm
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return self.fused_optimizer.last_grad_norm if grad_norm is None else grad_norm
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self.optimizer is not None:
+            opt = self.fused_optimizer
+            logs["skipped_steps"] = opt.skipped_steps
+            if opt.checks_overflow:
+                logs["loss_scale"] = opt.loss_scale
+        super().log(logs, *args, **kwargs)
