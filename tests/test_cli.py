@@ -266,3 +266,18 @@ def test_plain_loop_example_runs(tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "held-out loss" in done.stdout and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_fine_tune_a_local_model_directory_then_resume(tmp_path, finished_run, data_file, capsys):
+    run = tmp_path / "ft"
+    common = ["--data", data_file, "--model", finished_run, "--save-every", 1, "--keep-checkpoints", 1]
+    code, out, err = train(capsys, *common, "--steps", 2, "--output", run)
+    assert code == 0, err
+    assert f"model {finished_run}" in out
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(run)("héllo", add_special_tokens=False)["input_ids"] == list("héllo".encode())
+    code, out, err = train(capsys, *common, "--steps", 3, "--output", run, "--resume")
+    assert code == 0, err
+    assert list(train_losses(run)) == [1, 2, 3]
+    assert json.loads((run / "run.json").read_text())["model_source"] == {"kind": "path", "spec": str(finished_run)}

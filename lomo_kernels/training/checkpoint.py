@@ -44,10 +44,14 @@ def holds_run(directory: Path) -> bool:
     return (directory / RUN_FILE).is_file()
 
 
-def read_run_options(directory: Path) -> dict:
+def read_run_info(directory: Path) -> dict:
+    """run.json: {"options": ..., "model_source": ..., "data_sha256": ...}."""
     try:
-        return json.loads((directory / RUN_FILE).read_text())["options"]
-    except (OSError, ValueError, KeyError) as exc:
+        info = json.loads((directory / RUN_FILE).read_text())
+        if not {"options", "model_source", "data_sha256"} <= set(info):
+            raise ValueError("fields are missing")
+        return info
+    except (OSError, ValueError) as exc:
         raise UsageError(f"{directory / RUN_FILE} is unreadable ({exc}); cannot resume this run") from None
 
 

@@ -92,7 +92,8 @@ def resolve_run(args, explicit: set[str]):
         checkpoint = ckpt.latest_checkpoint(out)
         if checkpoint is None:
             raise UsageError(f"--resume: the run in {out} has no checkpoint yet; start it again with --overwrite")
-        saved = ckpt.read_run_options(out)
+        run_info = ckpt.read_run_info(out)
+        saved = run_info["options"]
         for key in explicit - INVOCATION_OPTIONS - RESUMABLE_OPTIONS:
             if key in saved and getattr(args, key) != saved[key]:
                 raise UsageError(f"--resume continues the same run, but --{key.replace('_', '-')} is "
@@ -100,7 +101,6 @@ def resolve_run(args, explicit: set[str]):
         for key, value in saved.items():
             if key not in RESUMABLE_OPTIONS or key not in explicit:
                 setattr(args, key, value)
-        run_info = json.loads((out / ckpt.RUN_FILE).read_text())
         return args, checkpoint, run_info
     if out.is_dir() and any(out.iterdir()):
         if not has_run:
@@ -222,7 +222,10 @@ def run_training(args, explicit: set[str], say=print) -> Path:
     args, resume_from, run_info = resolve_run(args, explicit)
     check_options(args)
     out = Path(args.output)
-    source = ModelSource(**run_info["model_source"]) if run_info else resolve_model(args.model)
+    run_source = ModelSource(**run_info["model_source"]) if run_info else resolve_model(args.model)
+    # a resumed run reads config and tokenizer from its checkpoint, which holds them too
+    resumed_path = resume_from is not None and run_source.kind == "path"
+    source = ModelSource("path", str(resume_from)) if resumed_path else run_source
     config, tokenizer, save_tokenizer = load_config_and_tokenizer(source)
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and args.seq_len > positions:
@@ -254,13 +257,13 @@ def run_training(args, explicit: set[str], say=print) -> Path:
         ckpt.set_rng_state(state["rng"])
         say(f"resuming {out} from step {start_step} ({resume_from.name})")
     options = {k: v for k, v in vars(args).items() if k not in INVOCATION_OPTIONS}
-    ckpt.write_json_atomic(out / ckpt.RUN_FILE, {"options": options, "model_source": vars(source), "data_sha256": digest})
+    ckpt.write_json_atomic(out / ckpt.RUN_FILE, {"options": options, "model_source": vars(run_source), "data_sha256": digest})
     metrics_path = out / "metrics.jsonl"
     history = load_metrics(metrics_path, start_step)
     rewrite_metrics(metrics_path, history)
 
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"model {source.spec}: {n_params / 1e6:.2f} M parameters, {args.dtype}, on {device}; optimizer {args.optimizer}")
+    say(f"model {run_source.spec}: {n_params / 1e6:.2f} M parameters, {args.dtype}, on {device}; optimizer {args.optimizer}")
     say(f"data: {len(train_data)} training and {len(eval_data) if eval_data else 0} held-out sequences "
         f"of {args.seq_len} tokens")
 
