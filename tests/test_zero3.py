@@ -143,15 +143,15 @@ def two_rank_run(tmp_path_factory):
 
 
 def _single_process_run(run, case):
-    """The same 3 steps on one process: plain fused Lomo on the concatenated (both ranks') batch."""
+    """The same steps on one process: the plain fused optimizer on the concatenated (both ranks') batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lomo_kernels.optim import Lomo
+    from lomo_kernels import optim
 
     result = run["results"][case]
     model = LlamaForCausalLM(LlamaConfig(**run["model"]))
     model.load_state_dict(result["initial"], strict=True)
-    optimizer = Lomo(model, backend="torch", **result["lomo_args"])
+    optimizer = getattr(optim, result["optimizer"])(model, backend="torch", **result["optimizer_args"])
     norms = []
     poisoned_step = result["poisoned"][0] if result["poisoned"] is not None else None
     for step, ids in enumerate(run["batches"][:len(result["skipped"])]):
@@ -164,7 +164,8 @@ def _single_process_run(run, case):
     return {n: p.detach() for n, p in model.named_parameters()}, norms
 
 
-CASES = ["reduce_scatter", "activation_gather", "reduce_scatter_clip", "activation_gather_clip", "auto_clip"]
+CASES = ["reduce_scatter", "activation_gather", "reduce_scatter_clip", "activation_gather_clip", "auto_clip",
+         "adalomo_reduce_scatter", "adalomo_activation_gather_clip"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -182,16 +183,16 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_run, cas
     assert result["skipped"].count(False) == 3
     if result["poisoned"] is not None:  # the inf flag of one rank reached the other: both skipped the step
         assert result["skipped"][result["poisoned"][0]]
-    if "clip_grad_norm" in result["lomo_args"]:
+    if "clip_grad_norm" in result["optimizer_args"]:
         torch.testing.assert_close(torch.tensor(result["norms"]), torch.tensor(expected_norms), rtol=1e-5, atol=0)
         # the clip bound is active at every applied step, so the coefficient is exercised
-        assert min(expected_norms) > result["lomo_args"]["clip_grad_norm"]
+        assert min(expected_norms) > result["optimizer_args"]["clip_grad_norm"]
 
 
 def test_routes_taken(two_rank_run):
     results = two_rank_run["results"]
     for case in CASES:
-        strategy = case.rsplit("_clip", 1)[0]
+        strategy = case.removeprefix("adalomo_").removesuffix("_clip")
         routes = results[case]["routes"]
         linear_routes = {route for name, route in routes.items() if name.endswith("proj.weight")}
         if strategy == "auto":  # 16 tokens: activation-gather for every linear layer and the embedding
@@ -214,7 +215,7 @@ def test_persistent_and_partitioned_parameters_both_present(two_rank_run):
 def test_activation_gather_allocates_nothing_weight_sized(two_rank_run):
     """Inside every fused linear update on the activation-gather route, no new tensor reaches the
     size of the weight; on the reduce-scatter route the same tracker sees the full layer gradient."""
-    for case in ("activation_gather", "activation_gather_clip"):
+    for case in ("activation_gather", "activation_gather_clip", "adalomo_activation_gather_clip"):
         records = two_rank_run["results"][case]["records"]
         assert records and all(route == "activation_gather" for _, route, _, _ in records)
         for name, _, largest, weight_numel in records:

@@ -1,4 +1,4 @@
-"""Fused updates (``Lomo``) on models sharded by DeepSpeed ZeRO stage 3.
+"""Fused updates (``Lomo``, ``AdaLomo``) on models sharded by DeepSpeed ZeRO stage 3.
 
 Route (works on DeepSpeed 0.19.x, see docs/zero3.md): build the model under
 ``deepspeed.zero.Init``, construct the fused optimizer, then ``attach(optimizer, ds_config)``. It
@@ -22,15 +22,24 @@ rule with zero rows for untouched tokens). The norm phase (clipping) accumulates
 sum of squares and non-finite count; one all-reduce at the end of the backward makes them global.
 After an applying backward every gathered full copy is stale, so all of them are released and the
 next forward gathers the updated shards.
+
+``AdaLomo``'s rule needs whole-parameter statistics, so its applying phase works from the shard's
+mean gradient (materialized: 1/W of a weight, from either route): partial row/column sums of g² are
+all-reduced (m+n numbers) into factored statistics kept identical on every rank, and ``[Σu², Σw²]``
+are all-reduced (the update-RMS clip and the parameter-RMS learning-rate scale). The statistics of
+1-D parameters are sharded like the parameters.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import ops
+from ..optim.adalomo import AdaLomo
 from ..optim.base import FusedOptimizer
 from ..optim.lomo import Lomo
 from ..patch import patch, unpatch
@@ -108,15 +117,24 @@ class Zero3Updater:
         if route == "reduce_scatter":
             padded = self._padded_buffer(param, info)  # the one layer gradient alive now
             torch.mm(dy2.t().to(torch.float32), x2.to(torch.float32), out=padded[:info.numel].view(out_f, in_f))
-            self._apply_reduced(param, info, padded, apply_decay)
+            self._apply_shard_grad(param, info, self._reduce_scatter(padded, info), apply_decay)
             return
         xs, dys = self._gather_tokens(x2), self._gather_tokens(dy2)
         dys.mul_(1.0 / self.world_size)  # the data-parallel mean, as DeepSpeed averages gradients
-        for block in flat_range_blocks(info.start, info.end, in_f):
-            piece = param.ds_tensor.narrow(0, block.flat_start - info.start, block.numel).view(block.rows, block.cols)
+        blocks = flat_range_blocks(info.start, info.end, in_f)
+        if self._needs_shard_grad():
+            grad = xs.new_empty(info.end - info.start, dtype=torch.float32)  # shard-sized, not weight-sized
+            for b in blocks:
+                torch.mm(dys[:, b.row0:b.row0 + b.rows].t().to(torch.float32),
+                         xs[:, b.col0:b.col0 + b.cols].to(torch.float32),
+                         out=grad[b.flat_start - info.start:][:b.numel].view(b.rows, b.cols))
+            self._apply_shard_grad(param, info, grad, apply_decay)
+            return
+        for b in blocks:
+            piece = param.ds_tensor.narrow(0, b.flat_start - info.start, b.numel).view(b.rows, b.cols)
             with _param_data(param, piece):
-                self.optimizer.linear(param, xs[:, block.col0:block.col0 + block.cols],
-                                      dys[:, block.row0:block.row0 + block.rows], apply_decay=apply_decay)
+                self.optimizer.linear(param, xs[:, b.col0:b.col0 + b.cols], dys[:, b.row0:b.row0 + b.rows],
+                                      apply_decay=apply_decay)
 
     def embedding(self, param, indices, dy, padding_idx, *, apply_decay=True):
         if not self._active():
@@ -128,17 +146,14 @@ class Zero3Updater:
         if route == "reduce_scatter":
             padded = self._padded_buffer(param, info)  # one full embedding gradient
             _embedding_grad(idx, rows, padding_idx, 0, vocab, padded[:info.numel].view(vocab, dim))
-            self._apply_reduced(param, info, padded, apply_decay)
+            self._apply_shard_grad(param, info, self._reduce_scatter(padded, info), apply_decay)
             return
         idx, rows = self._gather_tokens(idx), self._gather_tokens(rows)
-        if info.end <= info.start:
-            return
         row0, row1 = info.start // dim, -(-info.end // dim)
         covering = rows.new_empty((row1 - row0, dim), dtype=torch.float32)  # shard-sized, not weight-sized
         _embedding_grad(idx, rows, padding_idx, row0, row1, covering)
         grad = covering.view(-1)[info.start - row0 * dim:info.end - row0 * dim].mul_(1.0 / self.world_size)
-        with _param_data(param, _flat_shard(param, info)):
-            self.optimizer.dense(param, grad, apply_decay=apply_decay)
+        self._apply_shard_grad(param, info, grad, apply_decay)
 
     def dense(self, param, grad, *, apply_decay=True):
         if not self._active():
@@ -147,7 +162,7 @@ class Zero3Updater:
         self.last_strategy[info.name] = "reduce_scatter"
         padded = self._padded_buffer(param, info)
         padded[:info.numel].copy_(grad.reshape(-1))
-        self._apply_reduced(param, info, padded, apply_decay)
+        self._apply_shard_grad(param, info, self._reduce_scatter(padded, info), apply_decay)
 
     # --- the two routes' pieces --------------------------------------------------------------------
 
@@ -170,15 +185,60 @@ class Zero3Updater:
         buffer[info.numel:].zero_()
         return buffer
 
-    def _apply_reduced(self, param, info: _ShardInfo, padded: torch.Tensor, apply_decay: bool):
-        """Reduce-scatter a full padded gradient (every rank passes its own) and update this rank's shard."""
+    def _reduce_scatter(self, padded: torch.Tensor, info: _ShardInfo) -> torch.Tensor:
+        """This rank's slice of the mean over ranks of a full padded gradient (each rank passes its own)."""
         shard = padded.new_empty(info.partition_size)
         dist.reduce_scatter_tensor(shard, padded, group=self.group)
-        if info.end <= info.start:
-            return
-        grad = shard[:info.end - info.start].mul_(1.0 / self.world_size)
-        with _param_data(param, _flat_shard(param, info)):
-            self.optimizer.dense(param, grad, apply_decay=apply_decay)
+        return shard[:info.end - info.start].mul_(1.0 / self.world_size)
+
+    def _needs_shard_grad(self) -> bool:
+        """AdaLomo's update needs whole-parameter statistics first; its norm phase is Lomo's."""
+        return isinstance(self.optimizer, AdaLomo) and self.optimizer.phase == "apply"
+
+    def _apply_shard_grad(self, param, info: _ShardInfo, grad: torch.Tensor, apply_decay: bool):
+        """Apply the optimizer's rule to this rank's shard from its mean gradient (flat, maybe empty)."""
+        if self._needs_shard_grad():
+            self._adalomo_shard_update(param, info, grad, apply_decay)  # collective: also with an empty shard
+        elif grad.numel():
+            with _param_data(param, _flat_shard(param, info)):
+                self.optimizer.dense(param, grad, apply_decay=apply_decay)
+
+    def _adalomo_shard_update(self, param, info: _ShardInfo, grad: torch.Tensor, apply_decay: bool):
+        """AdaLomo's rule (optim/adalomo.py) on a flat shard, with whole-parameter statistics."""
+        opt = self.optimizer
+        g = grad / opt.loss_scale
+        if opt.clip_grad_value is not None:
+            g.clamp_(-opt.clip_grad_value, opt.clip_grad_value)
+        if opt.clip_coef != 1.0:
+            g.mul_(opt.clip_coef)
+        if len(info.shape) == 1:
+            beta = opt.beta2t()
+            v = opt.exp_avg_sq[info.name].mul_(beta).add_(g * g + opt.eps[0], alpha=1.0 - beta)
+            u = g.mul_(v.rsqrt())
+        else:
+            rows, cols = info.shape
+            blocks = [(b, g[b.flat_start - info.start:][:b.numel].view(b.rows, b.cols))
+                      for b in flat_range_blocks(info.start, info.end, cols)]
+            sums = g.new_zeros(rows + cols)  # Σ_j g², then Σ_i g², over this shard's part of each row/column
+            for b, gb in blocks:
+                sq = gb * gb
+                sums[b.row0:b.row0 + b.rows] += sq.sum(dim=1)
+                sums[rows + b.col0:rows + b.col0 + b.cols] += sq.sum(dim=0)
+            dist.all_reduce(sums, group=self.group)
+            row_scale, col_scale = opt.update_factored_stats(info.name, sums[:rows] / cols, sums[rows:] / rows)
+            for b, gb in blocks:
+                gb.mul_(row_scale[b.row0:b.row0 + b.rows, None]).mul_(col_scale[b.col0:b.col0 + b.cols])
+            u = g
+        shard = _flat_shard(param, info)
+        totals = torch.stack([u.double().square().sum(), shard.double().square().sum()])
+        dist.all_reduce(totals, group=self.group)
+        update_sq, param_sq = totals.tolist()
+        coef = opt.normalizer(update_sq, info.numel)
+        lr = opt.lr * max(opt.eps[1], math.sqrt(param_sq / info.numel))  # AdaLomo.scaled_lr on the whole W
+        if shard.numel():
+            ops.dense_update_(shard, u, lr=lr, weight_decay=opt.weight_decay if apply_decay else 0.0, coef=coef,
+                              rounding=opt._rounding_for(param), seed=opt._seed_for(param), backend=opt.backend,
+                              name=info.name)
 
     # --- once per backward -------------------------------------------------------------------------
 
@@ -226,7 +286,7 @@ class Zero3Updater:
     def state_dict(self) -> dict:
         """This rank's shards (plus the layout they fit); pair with ``load_state_dict`` on the same layout."""
         params = dict(self.optimizer.model.named_parameters())
-        return {"world_size": self.world_size, "rank": self.rank,
+        return {"world_size": self.world_size, "rank": self.rank, "optimizer": self.optimizer.state_dict(),
                 "shards": {info.name: _flat_shard(params[info.name], info).detach().clone()
                            for info in self.shards.values()}}
 
@@ -240,6 +300,7 @@ class Zero3Updater:
                 raise ValueError(f"shard checkpoint does not match parameter {info.name!r} "
                                  f"(expected {info.end - info.start} elements, got "
                                  f"{None if saved is None else saved.numel()})")
+        self.optimizer.load_state_dict(state["optimizer"])  # checks its own state before writing it
         with torch.no_grad():
             for info in self.shards.values():
                 _flat_shard(params[info.name], info).copy_(shards[info.name])
@@ -316,19 +377,41 @@ def attach(optimizer: FusedOptimizer, ds_config: dict, *, strategy: str = "auto"
     if not isinstance(optimizer, FusedOptimizer):
         raise TypeError(f"attach takes a lomo_kernels fused optimizer (Lomo), got {type(optimizer).__name__}")
     check_zero3_config(ds_config)
-    if not isinstance(optimizer, Lomo):
-        raise NotImplementedError(f"{type(optimizer).__name__} under ZeRO-3 is not supported yet: its statistics "
-                                  "are not sharded to match the parameter shards (Lomo is)")
+    if not isinstance(optimizer, (Lomo, AdaLomo)):
+        raise NotImplementedError(f"{type(optimizer).__name__} under ZeRO-3 is not supported (Lomo and AdaLomo are)")
     model = optimizer.model
     group = _partition_group(model)
+    if isinstance(optimizer, AdaLomo):
+        bad = [(n, tuple(p.ds_shape)) for n, p in model.named_parameters() if p.requires_grad and len(p.ds_shape) > 2]
+        if bad:
+            raise ValueError(f"AdaLomo handles 1-D and 2-D parameters only; got {bad[:3]}")
     tied = [site.name for site in optimizer.handle.sites.values() if site.tied]
     if tied:
         raise ValueError(f"tied parameters {tied} are not supported under ZeRO-3 (their uses' gradients would have "
                          "to be summed in a full-size buffer); untie them (e.g. tie_word_embeddings=False)")
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     updater = Zero3Updater(optimizer, engine, group, strategy)
+    if isinstance(optimizer, AdaLomo):
+        _shard_adalomo_statistics(optimizer, updater)
     # Re-route the fused sites and hooks from the optimizer to the shard-aware updater.
     unpatch(model)
     optimizer.handle = patch(model, updater)
     model.register_forward_hook(updater.snapshot_backward_counters)
     return updater
+
+
+def _shard_adalomo_statistics(optimizer: AdaLomo, updater: Zero3Updater) -> None:
+    """AdaLomo sized its statistics from the placeholder shapes ``zero.Init`` leaves (``[0]``): size
+    them from the full shapes instead. 2-D: factored ``R`` [m] and ``C`` [n], identical on every rank;
+    1-D: ``V`` covering only this rank's shard."""
+    if optimizer.step_count:
+        raise ValueError("attach the AdaLomo optimizer before its first step")
+    params = dict(optimizer.model.named_parameters())
+    for info in updater.shards.values():
+        device = params[info.name].ds_tensor.device
+        optimizer.exp_avg_sq.pop(info.name, None)
+        if len(info.shape) == 1:
+            optimizer.exp_avg_sq[info.name] = torch.zeros(info.end - info.start, dtype=torch.float32, device=device)
+        else:
+            optimizer.exp_avg_sq_row[info.name] = torch.zeros(info.shape[0], dtype=torch.float32, device=device)
+            optimizer.exp_avg_sq_col[info.name] = torch.zeros(info.shape[1], dtype=torch.float32, device=device)

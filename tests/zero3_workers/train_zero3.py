@@ -1,7 +1,7 @@
 """Two-rank ZeRO-3 training run on CPU (gloo), driven by tests/test_zero3.py.
 
 Usage: python train_zero3.py OUT_FILE PORT — spawns 2 ranks; each case builds a tiny LLaMA under
-``deepspeed.zero.Init``, attaches a fused ``Lomo`` and trains 3 steps; rank 0 writes the initial and
+``deepspeed.zero.Init``, attaches a fused ``Lomo`` or ``AdaLomo`` and trains 3 steps; rank 0 writes the initial and
 final gathered parameters, the batches and per-step norms of every case to OUT_FILE (torch.save).
 """
 import os
@@ -23,14 +23,17 @@ MODEL = dict(vocab_size=101, hidden_size=64, intermediate_size=75, num_hidden_la
 DS_CONFIG = {"train_micro_batch_size_per_gpu": LOCAL_BATCH,
              # 70 elements: the norm weights and q/o biases stay gathered (persistent), the rest does not
              "zero_optimization": {"stage": 3, "param_persistence_threshold": 70}}
-CASES = {  # name -> (strategy, Lomo keyword arguments, gradient checkpointing, poisoned (step, rank) or None)
-    "reduce_scatter": ("reduce_scatter", dict(lr=0.05, weight_decay=0.01), False, None),
-    "activation_gather": ("activation_gather", dict(lr=0.05, weight_decay=0.01), False, None),
-    "reduce_scatter_clip": ("reduce_scatter", dict(lr=0.5, clip_grad_norm=0.3), False, None),
-    "activation_gather_clip": ("activation_gather", dict(lr=0.5, clip_grad_norm=0.3, clip_grad_value=0.02), False,
-                               None),
+CASES = {  # name -> (optimizer, strategy, its keyword arguments, gradient checkpointing, poisoned (step, rank))
+    "reduce_scatter": ("Lomo", "reduce_scatter", dict(lr=0.05, weight_decay=0.01), False, None),
+    "activation_gather": ("Lomo", "activation_gather", dict(lr=0.05, weight_decay=0.01), False, None),
+    "reduce_scatter_clip": ("Lomo", "reduce_scatter", dict(lr=0.5, clip_grad_norm=0.3), False, None),
+    "activation_gather_clip": ("Lomo", "activation_gather", dict(lr=0.5, clip_grad_norm=0.3, clip_grad_value=0.02),
+                               False, None),
     # rank 1's loss is inf at step 1 (a 4th step keeps 3 applied ones): both ranks must skip that step
-    "auto_clip": ("auto", dict(lr=0.5, clip_grad_norm=0.3, weight_decay=0.01), True, (1, 1)),
+    "auto_clip": ("Lomo", "auto", dict(lr=0.5, clip_grad_norm=0.3, weight_decay=0.01), True, (1, 1)),
+    "adalomo_reduce_scatter": ("AdaLomo", "reduce_scatter", dict(lr=0.05, weight_decay=0.01), False, None),
+    "adalomo_activation_gather_clip": ("AdaLomo", "activation_gather",
+                                       dict(lr=0.05, clip_grad_norm=0.3, clip_grad_value=0.02), False, None),
 }
 
 
@@ -74,16 +77,16 @@ def run_case(name, rank):
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lomo_kernels import optim
     from lomo_kernels.integrations.deepspeed import attach
-    from lomo_kernels.optim import Lomo
 
-    strategy, lomo_args, checkpointing, poisoned = CASES[name]
+    optimizer_name, strategy, optimizer_args, checkpointing, poisoned = CASES[name]
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
         model = LlamaForCausalLM(LlamaConfig(**MODEL))
     if checkpointing:  # layers recomputed inside backward: DeepSpeed gathers them a second time
         model.gradient_checkpointing_enable()
-    optimizer = Lomo(model, backend="torch", **lomo_args)
+    optimizer = getattr(optim, optimizer_name)(model, backend="torch", **optimizer_args)
     updater = attach(optimizer, DS_CONFIG, strategy=strategy)
     initial = updater.full_state_dict()
     records, norms, skipped = [], [], []
@@ -99,8 +102,8 @@ def run_case(name, rank):
         optimizer.fused_backward(loss, optimizer.lr)
         skipped.append(optimizer.skipped_step)
     result = dict(initial=initial, final=updater.full_state_dict(), norms=norms, records=records, skipped=skipped,
-                  poisoned=poisoned,
-                  routes=dict(updater.last_strategy), lomo_args=lomo_args,
+                  poisoned=poisoned, routes=dict(updater.last_strategy), optimizer=optimizer_name,
+                  optimizer_args=optimizer_args,
                   persistent=sorted(n for n, p in model.named_parameters() if p.ds_persist))
     if name == "reduce_scatter":
         result["resume"] = check_resume(updater)
