@@ -21,10 +21,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke run")
     parser.add_argument("--only", choices=tuple(SUITES), action="append", help="run only these suites")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+                        help="torch CPU threads (default: 1 without a GPU, so that CPU times stay meaningful on a "
+                             "shared machine: idle OpenMP workers spin while a preempted one waits)")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (None if torch.cuda.is_available() else 1)
+    if threads is not None:
+        torch.set_num_threads(threads)
     for name in args.only or SUITES:
         t0 = time.perf_counter()
         SUITES[name](args.out, quick=args.quick)
