@@ -213,8 +213,9 @@ def test_persistent_and_partitioned_parameters_both_present(two_rank_run):
 
 
 def test_activation_gather_allocates_nothing_weight_sized(two_rank_run):
-    """Inside every fused linear update on the activation-gather route, no new tensor reaches the
-    size of the weight; on the reduce-scatter route the same tracker sees the full layer gradient."""
+    """Inside every linear update on the activation-gather route no new tensor reaches the size of the
+    weight (Lomo: no gradient at all; AdaLomo: a shard-sized one); on the reduce-scatter route the
+    same tracker sees the full layer gradient."""
     for case in ("activation_gather", "activation_gather_clip", "adalomo_activation_gather_clip"):
         records = two_rank_run["results"][case]["records"]
         assert records and all(route == "activation_gather" for _, route, _, _ in records)
@@ -257,8 +258,8 @@ def test_launcher_entry_point_trains_saves_and_exports(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "lomo_kernels.integrations.zero3_train", "--model",
            str(model_dir), "--data", str(data), "--ds-config", str(config), "--output", str(out), "--dtype", "fp32",
-           "--lr", "0.1", "--clip-grad-norm", "1.0", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
-           "--export"]
+           "--optimizer", "adalomo", "--lr", "0.01", "--clip-grad-norm", "1.0", "--steps", "2", "--batch-size", "2",
+           "--seq-len", "16", "--export"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
                           env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-6000:]

@@ -363,12 +363,13 @@ def _partition_group(model: nn.Module):
 
 
 def attach(optimizer: FusedOptimizer, ds_config: dict, *, strategy: str = "auto") -> Zero3Updater:
-    """Make ``optimizer`` (constructed on a model built under ``deepspeed.zero.Init``) update ZeRO-3 shards.
+    """Make ``optimizer`` (``Lomo`` or ``AdaLomo``, constructed on a model built under
+    ``deepspeed.zero.Init``, before its first step) update ZeRO-3 shards.
 
     Checks everything before touching the model: DeepSpeed version, the config
     (``zero3_shard.check_zero3_config``), that every trainable parameter is partitioned over one group,
-    no tied parameters. Returns the updater; ``updater.engine`` is DeepSpeed's engine (do not call it:
-    call the model).
+    no tied parameters. Resizes AdaLomo's statistics to the full/shard shapes. Returns the updater;
+    ``updater.engine`` is DeepSpeed's engine (do not call it: call the model).
     """
     deepspeed = _deepspeed()
     check_deepspeed_version(deepspeed.__version__)
@@ -385,6 +386,8 @@ def attach(optimizer: FusedOptimizer, ds_config: dict, *, strategy: str = "auto"
         bad = [(n, tuple(p.ds_shape)) for n, p in model.named_parameters() if p.requires_grad and len(p.ds_shape) > 2]
         if bad:
             raise ValueError(f"AdaLomo handles 1-D and 2-D parameters only; got {bad[:3]}")
+        if optimizer.step_count:
+            raise ValueError("attach the AdaLomo optimizer before its first step (its statistics get resized)")
     tied = [site.name for site in optimizer.handle.sites.values() if site.tied]
     if tied:
         raise ValueError(f"tied parameters {tied} are not supported under ZeRO-3 (their uses' gradients would have "
@@ -404,8 +407,6 @@ def _shard_adalomo_statistics(optimizer: AdaLomo, updater: Zero3Updater) -> None
     """AdaLomo sized its statistics from the placeholder shapes ``zero.Init`` leaves (``[0]``): size
     them from the full shapes instead. 2-D: factored ``R`` [m] and ``C`` [n], identical on every rank;
     1-D: ``V`` covering only this rank's shard."""
-    if optimizer.step_count:
-        raise ValueError("attach the AdaLomo optimizer before its first step")
     params = dict(optimizer.model.named_parameters())
     for info in updater.shards.values():
         device = params[info.name].ds_tensor.device

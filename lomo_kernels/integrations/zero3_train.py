@@ -1,4 +1,4 @@
-"""Multi-process fine-tuning of a Hugging Face causal LM with fused Lomo on DeepSpeed ZeRO-3.
+"""Multi-process fine-tuning of a Hugging Face causal LM with fused Lomo/AdaLomo on DeepSpeed ZeRO-3.
 
 Launch one process per GPU with DeepSpeed's launcher (python/launch_zero3.sh does)::
 
@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--ds-config", required=True, help="DeepSpeed JSON config (ZeRO stage 3, no optimizer section)")
     p.add_argument("--output", required=True, help="directory for shard checkpoints and the exported model")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--optimizer", choices=("lomo", "adalomo"), default="lomo")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip-grad-norm", type=float)
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoTokenizer
 
-    from ..optim import Lomo
+    from ..optim import AdaLomo, Lomo
     from ..training.data import TokenizerAdapter, pack, read_documents
     from .deepspeed import attach
 
@@ -107,8 +108,9 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = pack(read_documents(args.data), TokenizerAdapter(tokenizer), args.seq_len, source=" ".join(args.data))
     model = build_model(args, ds_config, DTYPES[args.dtype])
-    optimizer = Lomo(model, lr=args.lr, clip_grad_norm=args.clip_grad_norm, clip_grad_value=args.clip_grad_value,
-                     weight_decay=args.weight_decay, seed=args.seed)
+    optimizer = (Lomo if args.optimizer == "lomo" else AdaLomo)(
+        model, lr=args.lr, clip_grad_norm=args.clip_grad_norm, clip_grad_value=args.clip_grad_value,
+        weight_decay=args.weight_decay, seed=args.seed)
     updater = attach(optimizer, ds_config, strategy=args.strategy)
     start = 0
     if resume_state is not None:
