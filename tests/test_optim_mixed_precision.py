@@ -79,6 +79,24 @@ def test_fp16_overflow_skips_the_whole_step_then_scale_recovers(call_grad_norm):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("statistics", ["recompute", "materialize"])
+def test_adalomo_fp16_overflow_skips_step_and_keeps_statistics(statistics):
+    model = tiny_llama().half().eval()
+    opt = lk.AdaLomo(model, lr=1e-2, statistics=statistics)
+    ids = batches(model.config.vocab_size, 1)[0]
+    opt.fused_backward(model(input_ids=ids, labels=ids).loss)
+    before, stats = snapshot(model), {k: v.clone() for k, v in opt.exp_avg_sq_row.items()}
+    injector = InjectInf(model.model.layers[0].self_attn.o_proj)
+    injector.armed = True
+    opt.fused_backward(model(input_ids=ids, labels=ids).loss)
+    assert opt.skipped_step and opt.step_count == 1 and opt.loss_scale == 2**10  # AdaLomo's scale is fixed
+    assert bit_identical(model, before)
+    assert all(torch.equal(opt.exp_avg_sq_row[k], v) for k, v in stats.items())
+    injector.armed = False
+    opt.fused_backward(model(input_ids=ids, labels=ids).loss)
+    assert not opt.skipped_step and opt.step_count == 2
+
+
 def test_fp16_without_overflow_equals_unscaled_update_up_to_fp16_rounding():
     model = tiny_llama().half().eval()
     ref = copy.deepcopy(model)

@@ -13,8 +13,8 @@ What ``TrainingArguments`` mean here:
 
 * ``learning_rate``, ``weight_decay``, ``lr_scheduler_type``/warmup: as usual; the scheduler drives
   ``param_groups[0]["lr"]``, which the fused backward uses.
-* ``max_grad_norm > 0``: exact global-norm clipping. Each step runs ``grad_norm(loss)`` (a norm-only
-  backward) before ``fused_backward``. The Trainer's ``optim="lomo"`` route cannot clip: it only
+* ``max_grad_norm > 0``: exact global-norm clipping. Each step's ``fused_backward`` first runs the
+  norm-only backward (``grad_norm``). The Trainer's ``optim="lomo"`` route cannot clip: it only
   calls ``fused_backward``, and with lomo-optim that raises once ``clip_grad_norm`` is set.
 * Logs: ``loss``, ``grad_norm`` (from the norm phase; absent when a step has none), ``learning_rate``,
   ``skipped_steps`` (steps skipped for a non-finite gradient, cumulative) and, with fp16 weights,
@@ -88,10 +88,8 @@ class LomoTrainer(Trainer):
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         del inputs
-        opt = self.fused_optimizer
-        if opt.needs_norm_phase:
-            opt.grad_norm(loss)
-        opt.fused_backward(loss, self._get_learning_rate())
+        # fused_backward runs the norm phase first when clipping (max_grad_norm) or fp16 needs it
+        self.fused_optimizer.fused_backward(loss, self._get_learning_rate())
         return loss.detach()
 
     # There are no gradients for the Trainer to clip or measure: report the norm phase's norm.
