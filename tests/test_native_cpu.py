@@ -3,10 +3,11 @@ reference against float64 math, through the public ops.
 
 The reference always runs on CPU copies of the inputs: there it sums in a fixed order, so every
 comparison is deterministic. Both compiled backends run the per-element math of one header
-(csrc/lomo_math.h), so wherever they see the same fp32 gradient their results are bit-identical to
-the reference, rounding included: dense and embedding updates on both backends, and linear updates
-on CPU (same GEMM row blocks as the reference). The CUDA GEMM sums tokens in another order, so there
-fp32 weights agree to 1e-5 and 16-bit weights to one ulp.
+(csrc/lomo_math.h), so wherever they see the same fp32 gradient (dense updates, and embedding
+updates, whose duplicate rows all sum in token order) their results are bit-identical to the
+reference, rounding included. A linear layer's gradient comes from each backend's own GEMM, whose
+summation order is not the reference's: there fp32 weights agree to 1e-5 of the operands and 16-bit
+weights to one ulp.
 """
 from __future__ import annotations
 
@@ -121,10 +122,9 @@ def check_against_exact(result: torch.Tensor, w0: torch.Tensor, g: torch.Tensor,
         assert_within_ulps(result, exact, FP32_RTOL * scale)
 
 
-def assert_matches_reference(result: torch.Tensor, reference: torch.Tensor, bitwise: bool, scale: torch.Tensor):
-    if bitwise:
-        assert_bitwise(result, reference)
-    elif result.dtype == torch.float32:
+def assert_matches_reference(result: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor) -> None:
+    """Agreement up to the weight gradient's summation order (the GEMM's blocking is the backend's own)."""
+    if result.dtype == torch.float32:
         assert_close_fp32(result, reference.double(), scale)
     else:
         assert_within_ulps(result, reference.double(), FP32_RTOL * scale)
@@ -162,7 +162,7 @@ def test_linear_update(tokens, out_f, in_f, w_dtype, rounding, options, target):
     result, reference = _run(target, lk.linear_update_, w, x, dy, rounding=rounding, **options)
     g, g_abs = _linear_gradient(x, dy)
     _, scale = exact_update(w, g, g_abs, **options)
-    assert_matches_reference(result, reference, bitwise=target == "cpu", scale=scale)
+    assert_matches_reference(result, reference, scale)
     check_against_exact(reference, w, g, g_abs, options)
     check_against_exact(result, w, g, g_abs, options)
 
@@ -176,7 +176,7 @@ def test_linear_update_low_precision_activations(w_dtype, rounding, act_dtype, t
     result, reference = _run(target, lk.linear_update_, w, x, dy, rounding=rounding, **options)
     g, g_abs = _linear_gradient(x, dy)
     _, scale = exact_update(w, g, g_abs, **options)
-    assert_matches_reference(result, reference, bitwise=target == "cpu", scale=scale)
+    assert_matches_reference(result, reference, scale)
     check_against_exact(result, w, g, g_abs, options)
 
 
