@@ -32,11 +32,11 @@ def model_specs(quick: bool) -> dict:
                                                       num_attention_heads=4, vocab_size=512), 1, 16),
                 "gpt2-activations": (lambda: GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=256,
                                                         n_positions=128), 2, 64)}
-    return {"llama-weights": (lambda: LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                                                  num_attention_heads=8, vocab_size=16000,
+    return {"llama-weights": (lambda: LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                                  num_attention_heads=4, vocab_size=8000,
                                                   tie_word_embeddings=False), 1, 64),
             "gpt2-activations": (lambda: GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=4000,
-                                                    n_positions=512), 4, 256)}
+                                                    n_positions=512), 2, 256)}
 
 
 def build(config_factory, seed: int = 0):
@@ -93,7 +93,7 @@ def measure(base_model, batch, method: str, clip: float | None, repeats: int) ->
     return row
 
 
-def run(out_dir: str, quick: bool = False, repeats: int = 5) -> list[dict]:
+def run(out_dir: str, quick: bool = False, repeats: int = 3) -> list[dict]:
     repeats = 1 if quick else repeats
     rows = []
     for name, (factory, batch_size, seq_len) in model_specs(quick).items():
@@ -142,7 +142,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     run(args.out, args.quick, args.repeats)
 
