@@ -40,7 +40,7 @@ def main() -> None:
     data = pack(read_documents(None), TokenizerAdapter(ByteTokenizer()), args.seq_len, source="the standard library")
     train, held_out = split_eval(data, fraction=0.05, max_eval=64, seed=0)
 
-    optimizer = lomo_kernels.Lomo(model, lr=args.lr)
+    optimizer = lomo_kernels.Lomo(model, lr=args.lr, clip_grad_value=0.05)  # as the CLI default
     generator = torch.Generator().manual_seed(0)
     for step in range(args.steps):
         lr = cosine_with_warmup(step, args.steps, args.lr, warmup=10)

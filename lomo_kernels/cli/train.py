@@ -44,6 +44,13 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def off_or_positive(text: str) -> float | None:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 turns it off), got {text}")
+    return value or None
+
+
 def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool = False) -> None:
     """All options of ``train``; with ``suppress_defaults`` parsing yields only the options given."""
 
@@ -69,8 +76,11 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
     add(g, "--warmup-steps", type=int, default=10, help="steps of linear warmup from lr/warmup to lr")
     add(g, "--steps", type=int, default=400, help="total optimizer steps of the run")
     add(g, "--batch-size", type=int, default=16, help="sequences per step")
-    add(g, "--clip-grad-norm", type=float, help="clip the global gradient norm to this (LOMO: a second backward pass)")
-    add(g, "--clip-grad-value", type=float, help="clamp every gradient entry to [-v, v]")
+    add(g, "--clip-grad-norm", type=off_or_positive, default=None,
+        help="clip the global gradient norm to this (LOMO: a norm-only backward pass first); 0: off")
+    add(g, "--clip-grad-value", type=off_or_positive, default=0.05,
+        help="clamp every gradient entry to [-v, v] (free in the fused update; keeps plain SGD/LOMO stable "
+             "through the first steps from random init); 0: off")
     add(g, "--weight-decay", type=float, default=0.0, help="decoupled weight decay (w -= lr*wd*w)")
     add(g, "--dtype", choices=tuple(DTYPES), default="fp32",
         help="weight dtype; fp16 uses dynamic loss scaling (LOMO optimizers only)")

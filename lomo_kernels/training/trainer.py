@@ -53,7 +53,7 @@ def check_options(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2 (a token and its successor), got {args.seq_len}")
-    for name in ("clip_grad_norm", "clip_grad_value", "max_minutes", "max_data_tokens"):
+    for name in ("max_minutes", "max_data_tokens"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0 when given, got {value}")
