@@ -27,8 +27,16 @@ def main(argv=None) -> int:
                              "shared machine: idle OpenMP workers spin while a preempted one waits)")
     args = parser.parse_args(argv)
     threads = args.threads or (None if torch.cuda.is_available() else 1)
+    saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run(args) -> int:
     rows = {}
     for name in args.only or SUITES:
         t0 = time.perf_counter()
