@@ -91,13 +91,16 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
         help="recompute activations in the backward pass to save memory")
     add(g, "--seed", type=int, default=0, help="seed of initialization, data split and order, stochastic rounding")
     add(g, "--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU if there is one)")
+    add(g, "--threads", type=int,
+        help="CPU threads for torch (default: torch's choice, one per core; on a CPU shared with other jobs, "
+             "1 is often much faster)")
 
     g = parser.add_argument_group("output and progress")
     add(g, "--output", default="runs/default", metavar="DIR",
         help="run directory: final model (loads with AutoModelForCausalLM.from_pretrained), checkpoints, metrics")
     add(g, "--resume", action="store_true", default=False,
         help="continue the run in --output from its latest checkpoint, exactly (only --steps, --eval-every, "
-             "--save-every, --keep-checkpoints, --max-minutes and --device may change)")
+             "--save-every, --keep-checkpoints, --max-minutes, --device and --threads may change)")
     add(g, "--overwrite", action="store_true", default=False, help="replace the run already in --output")
     add(g, "--eval-every", type=int, default=100, help="evaluate on the held-out split every N steps and at the end (0: only at the end)")
     add(g, "--save-every", type=int, default=200, help="checkpoint every N steps and at the end (0: only at the end)")

@@ -24,8 +24,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("constant", "linear", "cosine")
 # Options that belong to one invocation, not to the run (never stored in run.json).
 INVOCATION_OPTIONS = {"resume", "overwrite", "config", "output", "progress"}
+METRICS_FILE = "metrics.jsonl"
 # Options a resumed run may change; every other option must match the run being resumed.
-RESUMABLE_OPTIONS = {"steps", "eval_every", "save_every", "keep_checkpoints", "max_minutes", "device"}
+RESUMABLE_OPTIONS = {"steps", "eval_every", "save_every", "keep_checkpoints", "max_minutes", "device", "threads"}
 
 
 class TrainingDiverged(Exception):
@@ -53,7 +54,7 @@ def check_options(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2 (a token and its successor), got {args.seq_len}")
-    for name in ("max_minutes", "max_data_tokens"):
+    for name in ("max_minutes", "max_data_tokens", "threads"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0 when given, got {value}")
@@ -213,12 +214,30 @@ def rewrite_metrics(path: Path, records: list[dict]) -> None:
 
 # --- the job -------------------------------------------------------------------------------------------
 
-def run_training(args, explicit: set[str], say=print) -> Path:
-    """Train as ``args`` say; returns the run directory. Raises UsageError before writing anything
-    if the input is bad, TrainingDiverged if the loss stops being finite."""
-    from transformers.utils import logging as hf_logging
+@dataclass
+class Run:
+    """Everything the loop needs, prepared and checked."""
 
-    hf_logging.disable_progress_bar()  # its per-file load/save bars would interleave with ours
+    args: object
+    out: Path
+    model: torch.nn.Module
+    runner: object
+    order: BatchOrder
+    train_data: PackedData
+    eval_data: PackedData | None
+    save_tokenizer: object
+    device: torch.device
+    start_step: int
+    history: list[dict]
+
+    def save(self, step: int) -> Path:
+        state = {"step": step, "optimizer": self.runner.state_dict(), "data": self.order.state_dict(),
+                 "rng": ckpt.rng_state()}
+        return ckpt.save_checkpoint(self.out, step, self.model, self.save_tokenizer, state, self.args.keep_checkpoints)
+
+
+def prepare(args, explicit: set[str], say) -> Run:
+    """Check every input (raising UsageError before anything is written), then set up the run directory."""
     args, resume_from, run_info = resolve_run(args, explicit)
     check_options(args)
     out = Path(args.output)
@@ -234,6 +253,8 @@ def run_training(args, explicit: set[str], say=print) -> Path:
     if run_info and run_info["data_sha256"] != digest:
         raise UsageError("--resume: the data differ from those the run started with; resume needs the same data")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = build_model(source, config, DTYPES[args.dtype], resume_from, args.seed).to(device)
     if args.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
@@ -258,71 +279,83 @@ def run_training(args, explicit: set[str], say=print) -> Path:
         say(f"resuming {out} from step {start_step} ({resume_from.name})")
     options = {k: v for k, v in vars(args).items() if k not in INVOCATION_OPTIONS}
     ckpt.write_json_atomic(out / ckpt.RUN_FILE, {"options": options, "model_source": vars(run_source), "data_sha256": digest})
-    metrics_path = out / "metrics.jsonl"
-    history = load_metrics(metrics_path, start_step)
-    rewrite_metrics(metrics_path, history)
+    history = load_metrics(out / METRICS_FILE, start_step)
+    rewrite_metrics(out / METRICS_FILE, history)
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model {run_source.spec}: {n_params / 1e6:.2f} M parameters, {args.dtype}, on {device}; optimizer {args.optimizer}")
     say(f"data: {len(train_data)} training and {len(eval_data) if eval_data else 0} held-out sequences "
         f"of {args.seq_len} tokens")
+    return Run(args, out, model, runner, order, train_data, eval_data, save_tokenizer, device, start_step, history)
 
-    def save(step: int) -> Path:
-        state = {"step": step, "optimizer": runner.state_dict(), "data": order.state_dict(), "rng": ckpt.rng_state()}
-        return ckpt.save_checkpoint(out, step, model, save_tokenizer, state, args.keep_checkpoints)
 
+def train_loop(run: Run) -> None:
+    """Steps ``start_step+1 .. args.steps`` (or until ``--max-minutes``), with evaluation, metrics and checkpoints."""
     from tqdm.auto import tqdm
 
+    args, device = run.args, run.device
     tokens_per_step = args.batch_size * args.seq_len
-    bar = tqdm(total=args.steps, initial=start_step, disable=not args.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=run.start_step, disable=not args.progress, unit="step", dynamic_ncols=True)
     started = time.perf_counter()
-    step = start_step
-    with open(metrics_path, "a") as metrics:
+    step = run.start_step
+    with open(run.out / METRICS_FILE, "a") as metrics:
         def record(entry: dict) -> None:
-            history.append(entry)
+            run.history.append(entry)
             metrics.write(json.dumps(entry) + "\n")
             metrics.flush()
 
         while step < args.steps:
             step += 1
             t0 = time.perf_counter()
-            index = order.next_batch()
-            tokens, labels = train_data.tokens[index].to(device), train_data.labels[index].to(device)
+            index = run.order.next_batch()
+            tokens, labels = run.train_data.tokens[index].to(device), run.train_data.labels[index].to(device)
             lr = lr_at(step, args)
-            loss = model(input_ids=tokens, labels=labels).loss
+            loss = run.model(input_ids=tokens, labels=labels).loss
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
+            if not math.isfinite(loss_value):  # checked before the fused update could write bad weights
                 bar.close()
-                kept = ckpt.latest_checkpoint(out)
+                kept = ckpt.latest_checkpoint(run.out)
                 raise TrainingDiverged(f"the loss is {loss_value} at step {step}; training stopped. "
-                                       + (f"The last good checkpoint is {kept} (its weights are also in {out})."
+                                       + (f"The last good checkpoint is {kept} (its weights are also in {run.out})."
                                           if kept else "No checkpoint had been saved yet."))
-            info = runner.step(loss, lr)
+            info = run.runner.step(loss, lr)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
+            memory = peak_memory_mb(device)
             record({"type": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": info.grad_norm,
                     "skipped": info.skipped, "tokens_per_s": tokens_per_step / seconds,
-                    "peak_memory_mb": peak_memory_mb(device), "elapsed_s": time.perf_counter() - started})
+                    "peak_memory_mb": memory, "elapsed_s": time.perf_counter() - started})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}",
-                            mem=f"{peak_memory_mb(device):.0f}MB")
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}", mem=f"{memory:.0f}MB")
             out_of_time = args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes
             final = step == args.steps or out_of_time
-            if eval_data is not None and ((args.eval_every and step % args.eval_every == 0) or final):
-                eval_loss = evaluate(model, eval_data, args.batch_size, device)
-                record({"type": "eval", "step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700))})
-                bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 700)):.2f}")
+            if run.eval_data is not None and ((args.eval_every and step % args.eval_every == 0) or final):
+                eval_loss = evaluate(run.model, run.eval_data, args.batch_size, device)
+                perplexity = math.exp(min(eval_loss, 700))  # no overflow for a diverging run
+                record({"type": "eval", "step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity})
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity:.2f}")
             if (args.save_every and step % args.save_every == 0) or final:
-                save(step)
+                run.save(step)
             if out_of_time:
                 bar.write(f"--max-minutes {args.max_minutes} reached: stopped after step {step} of {args.steps}")
                 break
     bar.close()
-    summary = summarize(history, out, time.perf_counter() - started, device)
-    ckpt.write_json_atomic(out / "summary.json", summary["numbers"])
-    plot_loss_curve(history, out / "loss_curve.png")
+
+
+def run_training(args, explicit: set[str], say=print) -> Path:
+    """Train as ``args`` say; returns the run directory. Raises UsageError before writing anything
+    if the input is bad, TrainingDiverged if the loss stops being finite."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-file load/save bars would interleave with ours
+    run = prepare(args, explicit, say)
+    started = time.perf_counter()
+    train_loop(run)
+    summary = summarize(run.history, run.out, time.perf_counter() - started, run.device)
+    ckpt.write_json_atomic(run.out / "summary.json", summary["numbers"])
+    plot_loss_curve(run.history, run.out / "loss_curve.png")
     say(summary["table"])
-    say(f"outputs in {out.resolve()}: model (config.json, model.safetensors, tokenizer), metrics.jsonl, "
+    say(f"outputs in {run.out.resolve()}: model (config.json, model.safetensors, tokenizer), {METRICS_FILE}, "
         f"loss_curve.png, summary.json, checkpoints/")
-    return out
+    return run.out
