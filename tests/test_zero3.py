@@ -149,9 +149,9 @@ def _single_process_run(run, case):
     from lomo_kernels import optim
 
     result = run["results"][case]
-    model = LlamaForCausalLM(LlamaConfig(**run["model"]))
+    model = LlamaForCausalLM(LlamaConfig(**run["model"])).to(result["initial"]["model.norm.weight"].dtype)
     model.load_state_dict(result["initial"], strict=True)
-    optimizer = getattr(optim, result["optimizer"])(model, backend="torch", **result["optimizer_args"])
+    optimizer = getattr(optim, result["optimizer"])(model, backend="torch", **result["args"])
     norms = []
     poisoned_step = result["poisoned"][0] if result["poisoned"] is not None else None
     for step, ids in enumerate(run["batches"][:len(result["skipped"])]):
@@ -164,8 +164,20 @@ def _single_process_run(run, case):
     return {n: p.detach() for n, p in model.named_parameters()}, norms
 
 
+def _assert_bf16_close(got, want, initial, label):
+    """bf16 weights: the split and the concatenated batch run bf16 GEMMs of other shapes, and nearest
+    rounding turns tiny differences into whole bf16 steps, so the runs drift apart slowly. Measured:
+    the difference is at most 14% of the update (3 steps); a wrong scale or a lost update is ~100%."""
+    assert got.dtype == want.dtype == torch.bfloat16
+    changed = int((want != initial).sum())
+    assert changed > 0.01 * want.numel(), f"{label}: only {changed} elements trained: the check would be weak"
+    update = (want.float() - initial.float()).norm().item()
+    drift = (got.float() - want.float()).norm().item()
+    assert drift <= 0.25 * update, f"{label}: differs by {drift:.3g}, the update is {update:.3g}"
+
+
 CASES = ["reduce_scatter", "activation_gather", "reduce_scatter_clip", "activation_gather_clip", "auto_clip",
-         "adalomo_reduce_scatter", "adalomo_activation_gather_clip"]
+         "adalomo_reduce_scatter", "adalomo_activation_gather_clip", "bf16_auto_clip"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -174,8 +186,11 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_run, cas
     expected, expected_norms = _single_process_run(two_rank_run, case)
     assert result["final"].keys() == expected.keys()
     for name, want in expected.items():
-        got = result["final"][name]
-        moved = (want - result["initial"][name]).abs().max().item()
+        got, initial = result["final"][name], result["initial"][name]
+        if result["bf16"]:
+            _assert_bf16_close(got, want, initial, f"{case}: {name}")
+            continue
+        moved = (want - initial).abs().max().item()
         err = (got - want).abs().max().item()
         scale = want.abs().max().item()
         assert moved > 1e-4 * scale, f"{case}: {name} barely trained (moved {moved:.3g}): the check would be weak"
@@ -183,16 +198,17 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_run, cas
     assert result["skipped"].count(False) == 3
     if result["poisoned"] is not None:  # the inf flag of one rank reached the other: both skipped the step
         assert result["skipped"][result["poisoned"][0]]
-    if "clip_grad_norm" in result["optimizer_args"]:
-        torch.testing.assert_close(torch.tensor(result["norms"]), torch.tensor(expected_norms), rtol=1e-5, atol=0)
+    if "clip_grad_norm" in result["args"]:
+        torch.testing.assert_close(torch.tensor(result["norms"]), torch.tensor(expected_norms),
+                                   rtol=2e-3 if result["bf16"] else 1e-5, atol=0)
         # the clip bound is active at every applied step, so the coefficient is exercised
-        assert min(expected_norms) > result["optimizer_args"]["clip_grad_norm"]
+        assert min(expected_norms) > result["args"]["clip_grad_norm"]
 
 
 def test_routes_taken(two_rank_run):
     results = two_rank_run["results"]
     for case in CASES:
-        strategy = case.removeprefix("adalomo_").removesuffix("_clip")
+        strategy = two_rank_run["results"][case]["strategy"]
         routes = results[case]["routes"]
         linear_routes = {route for name, route in routes.items() if name.endswith("proj.weight")}
         if strategy == "auto":  # 16 tokens: activation-gather for every linear layer and the embedding

@@ -6,6 +6,7 @@ final gathered parameters, the batches and per-step norms of every case to OUT_F
 """
 import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,17 +24,31 @@ MODEL = dict(vocab_size=101, hidden_size=64, intermediate_size=75, num_hidden_la
 DS_CONFIG = {"train_micro_batch_size_per_gpu": LOCAL_BATCH,
              # 70 elements: the norm weights and q/o biases stay gathered (persistent), the rest does not
              "zero_optimization": {"stage": 3, "param_persistence_threshold": 70}}
-CASES = {  # name -> (optimizer, strategy, its keyword arguments, gradient checkpointing, poisoned (step, rank))
-    "reduce_scatter": ("Lomo", "reduce_scatter", dict(lr=0.05, weight_decay=0.01), False, None),
-    "activation_gather": ("Lomo", "activation_gather", dict(lr=0.05, weight_decay=0.01), False, None),
-    "reduce_scatter_clip": ("Lomo", "reduce_scatter", dict(lr=0.5, clip_grad_norm=0.3), False, None),
-    "activation_gather_clip": ("Lomo", "activation_gather", dict(lr=0.5, clip_grad_norm=0.3, clip_grad_value=0.02),
-                               False, None),
-    # rank 1's loss is inf at step 1 (a 4th step keeps 3 applied ones): both ranks must skip that step
-    "auto_clip": ("Lomo", "auto", dict(lr=0.5, clip_grad_norm=0.3, weight_decay=0.01), True, (1, 1)),
-    "adalomo_reduce_scatter": ("AdaLomo", "reduce_scatter", dict(lr=0.05, weight_decay=0.01), False, None),
-    "adalomo_activation_gather_clip": ("AdaLomo", "activation_gather",
-                                       dict(lr=0.05, clip_grad_norm=0.3, clip_grad_value=0.02), False, None),
+
+
+@dataclass(frozen=True)
+class Case:
+    optimizer: str  # a class of lomo_kernels.optim
+    strategy: str
+    args: dict  # the optimizer's keyword arguments
+    checkpointing: bool = False  # layers recomputed inside backward: DeepSpeed gathers them a second time
+    poisoned: tuple | None = None  # (step, rank) whose loss is made inf; a 4th step keeps 3 applied ones
+    bf16: bool = False
+
+
+CASES = {
+    "reduce_scatter": Case("Lomo", "reduce_scatter", dict(lr=0.05, weight_decay=0.01)),
+    "activation_gather": Case("Lomo", "activation_gather", dict(lr=0.05, weight_decay=0.01)),
+    "reduce_scatter_clip": Case("Lomo", "reduce_scatter", dict(lr=0.5, clip_grad_norm=0.3)),
+    "activation_gather_clip": Case("Lomo", "activation_gather", dict(lr=0.5, clip_grad_norm=0.3, clip_grad_value=0.02)),
+    # both ranks must skip the step where only rank 1 saw a non-finite gradient
+    "auto_clip": Case("Lomo", "auto", dict(lr=0.5, clip_grad_norm=0.3, weight_decay=0.01), checkpointing=True,
+                      poisoned=(1, 1)),
+    "adalomo_reduce_scatter": Case("AdaLomo", "reduce_scatter", dict(lr=0.05, weight_decay=0.01)),
+    "adalomo_activation_gather_clip": Case("AdaLomo", "activation_gather",
+                                           dict(lr=0.05, clip_grad_norm=0.3, clip_grad_value=0.02)),
+    # bf16 weights, nearest rounding: the same per-element rule, so it can be compared with one process
+    "bf16_auto_clip": Case("Lomo", "auto", dict(lr=2.0, clip_grad_norm=0.3, rounding="nearest"), bf16=True),
 }
 
 
@@ -80,30 +95,30 @@ def run_case(name, rank):
     from lomo_kernels import optim
     from lomo_kernels.integrations.deepspeed import attach
 
-    optimizer_name, strategy, optimizer_args, checkpointing, poisoned = CASES[name]
+    case = CASES[name]
+    ds_config = dict(DS_CONFIG, bf16={"enabled": case.bf16})
     torch.manual_seed(0)
-    with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = LlamaForCausalLM(LlamaConfig(**MODEL))
-    if checkpointing:  # layers recomputed inside backward: DeepSpeed gathers them a second time
+    if case.checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = getattr(optim, optimizer_name)(model, backend="torch", **optimizer_args)
-    updater = attach(optimizer, DS_CONFIG, strategy=strategy)
+    optimizer = getattr(optim, case.optimizer)(model, backend="torch", **case.args)
+    updater = attach(optimizer, ds_config, strategy=case.strategy)
     initial = updater.full_state_dict()
     records, norms, skipped = [], [], []
     trace_linear_updates(updater, records)
     data = batches()
-    for step in range(STEPS + (poisoned is not None)):
+    for step in range(STEPS + (case.poisoned is not None)):
         ids = data[step, rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
         loss = model(input_ids=ids, labels=ids).loss
-        if (step, rank) == poisoned:
+        if (step, rank) == case.poisoned:
             loss = loss * float("inf")
         if optimizer.clip_grad_norm is not None:
             norms.append(optimizer.grad_norm(loss))
         optimizer.fused_backward(loss, optimizer.lr)
         skipped.append(optimizer.skipped_step)
-    result = dict(initial=initial, final=updater.full_state_dict(), norms=norms, records=records, skipped=skipped,
-                  poisoned=poisoned, routes=dict(updater.last_strategy), optimizer=optimizer_name,
-                  optimizer_args=optimizer_args,
+    result = dict(asdict(case), initial=initial, final=updater.full_state_dict(), norms=norms, records=records,
+                  skipped=skipped, routes=dict(updater.last_strategy),
                   persistent=sorted(n for n, p in model.named_parameters() if p.ds_persist))
     if name == "reduce_scatter":
         result["resume"] = check_resume(updater)
