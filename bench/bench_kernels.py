@@ -36,15 +36,20 @@ def _variants(w, x, dy, clip: float | None, device):
         torch.mm(dy.t(), x)
 
     def hook():
-        g = torch.mm(dy.t(), x)
+        # lomo-optim's hook on the gradient autograd built: fp32 copies of gradient and weight (no-ops for fp32)
+        g = torch.mm(dy.t(), x).to(torch.float32)
         if clip is not None:
             g.clamp_(-clip, clip)
-        w.add_(g, alpha=-LR)
+        w32 = w.to(torch.float32)
+        w32.add_(g, alpha=-LR)
+        if w32 is not w:
+            w.copy_(w32)
 
+    rounding = "nearest" if w.dtype == torch.float32 else "stochastic"  # Lomo's default for bf16
     out = {"matmul": matmul, "hook": hook}
     for backend in _backends(device):
-        out[f"fused[{backend}]"] = (lambda b=backend: lomo_kernels.linear_update_(w, x, dy, lr=LR, clip_value=clip,
-                                                                                   backend=b))
+        out[f"fused[{backend}]"] = (lambda b=backend: lomo_kernels.linear_update_(
+            w, x, dy, lr=LR, clip_value=clip, rounding=rounding, backend=b))
     return out
 
 
@@ -55,30 +60,34 @@ def run(out_dir: str, quick: bool = False, scale: int = 8, repeats: int = 5) -> 
     scale = 16 if quick else scale
     repeats = 1 if quick else repeats
     rows = []
-    for label, (out_f, in_f) in shapes.items():
-        out_f, in_f = out_f // scale, in_f // scale
-        for tokens in tokens_list:
-            w = torch.randn(out_f, in_f, device=device)
-            x = torch.randn(tokens, in_f, device=device)
-            dy = torch.randn(tokens, out_f, device=device) * 1e-2
-            for clip in (None, CLIP):
-                for name, fn in _variants(w, x, dy, clip, device).items():
-                    if name == "matmul" and clip is not None:
-                        continue  # the floor does not depend on the rule
-                    t = time_fn(fn, repeats, device=device)
-                    rows.append({"layer": label, "shape": f"{out_f}x{in_f}", "tokens": tokens,
-                                 "rule": "sgd" if clip is None else "sgd+clip_value", "variant": name,
-                                 "median_ms": round(t.median_ms, 3), "iqr_ms": t.spread,
-                                 "cpu_ms": round(t.cpu_median_ms, 3), "repeats": t.repeats,
-                                 "peak_MiB": round(peak_bytes_profiled(fn) / MiB, 3),
-                                 "weight_MiB": round(w.numel() * w.element_size() / MiB, 3)})
-    notes = [f"fp32 weights and activations; lr {LR}; clip_value {CLIP} for the sgd+clip_value rule; "
-             f"shapes are LLaMA-7B's divided by {scale}",
+    for dtype in (torch.float32, torch.bfloat16):
+        for label, (out_f, in_f) in shapes.items():
+            out_f, in_f = out_f // scale, in_f // scale
+            for tokens in tokens_list:
+                w = torch.randn(out_f, in_f, device=device, dtype=dtype)
+                x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+                dy = torch.randn(tokens, out_f, device=device, dtype=dtype) * 1e-2
+                for clip in (None, CLIP):
+                    for name, fn in _variants(w, x, dy, clip, device).items():
+                        if name == "matmul" and clip is not None:
+                            continue  # the floor does not depend on the rule
+                        t = time_fn(fn, repeats, device=device)
+                        rows.append({"dtype": str(dtype).removeprefix("torch."), "layer": label,
+                                     "shape": f"{out_f}x{in_f}", "tokens": tokens,
+                                     "rule": "sgd" if clip is None else "sgd+clip_value", "variant": name,
+                                     "median_ms": round(t.median_ms, 3), "iqr_ms": t.spread,
+                                     "cpu_ms": round(t.cpu_median_ms, 3), "repeats": t.repeats,
+                                     "peak_MiB": round(peak_bytes_profiled(fn) / MiB, 3),
+                                     "weight_MiB": round(w.numel() * w.element_size() / MiB, 3)})
+    notes = [f"weights, activations and output gradients in the row's dtype; lr {LR}; clip_value {CLIP} for "
+             f"the sgd+clip_value rule; shapes are LLaMA-7B's divided by {scale}; bf16 fused updates round "
+             "stochastically (Lomo's default for bf16)",
              "median and interquartile range (iqr) of wall time over the repeats, after one warm-up run; "
              "cpu_ms: median CPU time of the process (on a shared machine the wall time also counts other "
              "processes' turns; the CPU time does not)",
              "peak_MiB: bytes allocated during the call and not yet freed, at their peak (torch profiler "
-             "allocator events); the hook and the matmul floor hold a weight-sized gradient, fused ones do not",
+             "allocator events); the hook (lomo-optim's: gradient, then fp32 copies of gradient and weight) "
+             "and the matmul floor hold a weight-sized gradient, fused ones only bounded scratch",
              "fused[cpu] is the compiled C++ backend, fused[torch] the plain-torch reference (row-blocked)"]
     write_results(out_dir, "kernels", "Linear-layer weight update: fused vs hook vs matmul floor", rows, notes,
                   device_record())
@@ -89,9 +98,8 @@ def run(out_dir: str, quick: bool = False, scale: int = 8, repeats: int = 5) -> 
 def _plot(rows, out_dir):
     fig, axes = new_figure(2)
     layer = rows[0]["layer"]
-    for ax, rule in zip(axes, ("sgd", "sgd+clip_value")):
-        sel = [r for r in rows if r["layer"] == layer and r["rule"] == rule or
-               (r["layer"] == layer and r["variant"] == "matmul")]
+    for ax, dtype in zip(axes, ("float32", "bfloat16")):
+        sel = [r for r in rows if r["layer"] == layer and r["dtype"] == dtype and r["rule"] == "sgd"]
         for variant in dict.fromkeys(r["variant"] for r in sel):
             pts = [(r["tokens"], r[_TIME]) for r in sel if r["variant"] == variant]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
@@ -99,7 +107,7 @@ def _plot(rows, out_dir):
         ax.set_yscale("log")
         ax.set_xlabel("tokens")
         ax.set_ylabel(f"{_TIME} (median)")
-        ax.set_title(f"{layer} ({rows[0]['shape']}), {rule}")
+        ax.set_title(f"{layer} ({sel[0]['shape']}), {dtype}, sgd")
         ax.legend(fontsize=8)
     return save_figure(fig, out_dir, "kernels")
 

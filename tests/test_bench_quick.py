@@ -6,7 +6,7 @@ import pytest
 from bench import run_all
 
 EXPECTED = {
-    "kernels": {"layer", "tokens", "rule", "variant", "median_ms", "iqr_ms", "peak_MiB"},
+    "kernels": {"dtype", "layer", "tokens", "rule", "variant", "median_ms", "iqr_ms", "peak_MiB"},
     "step": {"model", "method", "clip_norm", "median_ms", "params_MiB", "grads_MiB", "optimizer_state_MiB",
              "activations_MiB", "temporaries_MiB", "tracked_peak_MiB", "profiled_peak_MiB"},
     "memory_plan": {"model", "method", "params", "grads", "optimizer_state", "activations", "total_gib",
@@ -47,7 +47,10 @@ def test_quick_bench_numbers_are_sane(results):
         assert float(row["median_ms"]) > 0
         if row["variant"] in ("hook", "matmul"):  # they hold a weight-sized gradient
             assert float(row["peak_MiB"]) >= float(row["weight_MiB"])
+        if row["variant"] == "hook" and row["dtype"] == "bfloat16":  # + fp32 copies of gradient and weight
+            assert float(row["peak_MiB"]) >= 4 * float(row["weight_MiB"])
     assert any(r["variant"].startswith("fused[") for r in kernels)
+    assert {r["dtype"] for r in kernels} == {"float32", "bfloat16"}
     with open(results / "step.csv", newline="") as f:
         steps = {(r["model"], r["method"]): r for r in csv.DictReader(f)}
     for model in ("llama-weights", "gpt2-activations"):
