@@ -8,11 +8,12 @@
 # MODEL_DIR is a local Hugging Face LLaMA directory (config, safetensors weights, tokenizer); DATA a
 # .jsonl file ({"text": ...} or {"prompt": ..., "completion": ...} per line) or text files. Options
 # given after OUTPUT_DIR override the defaults below (argparse keeps the last value). Environment:
-# NUM_GPUS (8), MASTER_PORT (29500), DS_CONFIG (python/zero3_llama65b_8x3090.json).
+# NUM_GPUS (8), MASTER_PORT (29500), DS_CONFIG (python/zero3_llama65b_8x3090.json), PYTHON (python:
+# the interpreter of the environment where deepspeed and lomo_kernels' dependencies are installed).
 set -euo pipefail
 
 if [ "$#" -lt 2 ]; then
-  sed -n '2,12p' "$0"
+  sed -n '2,13p' "$0"
   exit 2
 fi
 MODEL_DIR=$1
@@ -23,7 +24,7 @@ shift $(( $# >= 3 ? 3 : 2 ))
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$HERE/.."  # the repository root, so that -m lomo_kernels... resolves
 
-exec deepspeed --num_gpus "${NUM_GPUS:-8}" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
+exec "${PYTHON:-python}" -m deepspeed.launcher.runner --num_gpus "${NUM_GPUS:-8}" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
   --module lomo_kernels.integrations.zero3_train \
   --model "$MODEL_DIR" --data "$DATA" --output "$OUTPUT_DIR" \
   --ds-config "${DS_CONFIG:-$HERE/zero3_llama65b_8x3090.json}" \

@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=1, help="sequences per rank per step")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each layer in the backward pass (needed for 65B on 24 GB cards)")
     p.add_argument("--resume", action="store_true", help="load shards/rank{r}.pt from --output first")
     p.add_argument("--export", action="store_true", help="also write the full model (gathered on rank 0)")
     p.add_argument("--seed", type=int, default=0)
