@@ -38,12 +38,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.5, help="peak learning rate (cosine schedule, 10 warmup steps)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--max-data-tokens", type=int, help="read at most this many tokens (default: all)")
     parser.add_argument("--output", default="runs/hf-trainer", help="Trainer output directory; the final model goes here")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(preset_config("small"))
-    data = pack(read_documents(None), TokenizerAdapter(ByteTokenizer()), args.seq_len, source="the standard library")
+    data = pack(read_documents(None), TokenizerAdapter(ByteTokenizer()), args.seq_len, max_tokens=args.max_data_tokens,
+                source="the standard library")
     train, held_out = split_eval(data, fraction=0.05, max_eval=64, seed=0)
 
     training_args = TrainingArguments(

@@ -246,9 +246,16 @@ def test_python_dash_m_entry_point():
                           env=env, cwd=REPO, timeout=120)
     assert done.returncode == EXIT_USAGE
     assert "unrecognized arguments: --bogus" in done.stderr and "Traceback" not in done.stderr
-    done = subprocess.run([sys.executable, "-m", "lomo_kernels", "train", "--help"], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=120)
-    assert done.returncode == 0 and "--resume" in done.stdout and "(default: lomo)" in done.stdout
+
+
+def test_help_shows_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert done.value.code == 0 and "(default: lomo)" in shown and "(default: runs/default)" in shown
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    for action in train_parser._actions:
+        assert all(flag in shown for flag in action.option_strings)
 
 
 def test_no_arguments_runs_the_embedded_default(monkeypatch, capsys):
@@ -275,7 +282,7 @@ def test_python_examples_train_and_save_a_loadable_model(tmp_path, example):
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(REPO / "python" / example), "--steps", "12", "--batch-size", "2",
-                           "--seq-len", "16", "--output", str(tmp_path / "m")],
+                           "--seq-len", "16", "--max-data-tokens", "20000", "--output", str(tmp_path / "m")],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "held-out loss" in done.stdout
