@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lomo_kernels.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, build_parser, main
+from lomo_kernels.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OS, EXIT_USAGE, build_parser, main
 from lomo_kernels.training.data import BatchOrder
 
 TINY = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--no-progress", "--eval-every", "0",
@@ -123,6 +123,26 @@ def test_the_other_optimizers_train(tmp_path, data_file, capsys, optimizer, lr):
     losses = train_losses(run)
     assert losses[4] < losses[1]
     assert json.loads((run / "run.json").read_text())["options"]["optimizer"] == optimizer
+
+
+def test_max_minutes_stops_early_with_a_checkpoint(tmp_path, data_file, capsys):
+    run = tmp_path / "run"
+    code, out, err = train(capsys, "--data", data_file, "--steps", 50, "--max-minutes", 1e-6, "--output", run)
+    assert code == 0, err
+    assert "stopped after step 1 of 50" in out + err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+def test_a_full_disk_is_reported_without_traceback(tmp_path, data_file, capsys, monkeypatch):
+    import lomo_kernels.training.checkpoint as ckpt
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    code, _, err = train(capsys, "--data", data_file, "--steps", 1, "--output", tmp_path / "run")
+    assert code == EXIT_OS and "No space left on device" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints" / "step-00000001").exists()
 
 
 def test_config_file_sets_options_and_the_command_line_wins(tmp_path, data_file, capsys):

@@ -8,7 +8,7 @@ import sys
 from ..training.errors import UsageError
 from .train import DESCRIPTION, EPILOG, HelpFormatter, Parser, add_train_arguments, config_tokens
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_OS, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 def _has_planner() -> bool:
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"lomo-kernels: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # the file system said no (permissions, disk full): not a bug to trace
+        print(f"lomo-kernels: error: {exc}; the latest complete checkpoint (if any) is intact", file=sys.stderr)
+        return EXIT_OS
     except KeyboardInterrupt:
         print("lomo-kernels: interrupted; the latest checkpoint (if any) is intact", file=sys.stderr)
         return EXIT_INTERRUPTED

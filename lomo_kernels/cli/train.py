@@ -29,8 +29,8 @@ examples:
   lomo-kernels train --output runs/ft --resume --steps 2000
   lomo-kernels train --config run.yaml --optimizer adamw --lr 1e-3
 
-exit status: 0 done, 2 bad input (nothing written), 3 the loss became NaN/inf (the last good
-checkpoint is kept), 130 interrupted."""
+exit status: 0 done, 1 a file-system error (e.g. disk full), 2 bad input (nothing written), 3 the
+loss became NaN/inf (the last good checkpoint is kept), 130 interrupted."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -74,7 +74,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
     add(g, "--lr", type=float, default=0.5, help="peak learning rate")
     add(g, "--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule after warmup")
     add(g, "--warmup-steps", type=int, default=10, help="steps of linear warmup from lr/warmup to lr")
-    add(g, "--steps", type=int, default=400, help="total optimizer steps of the run")
+    add(g, "--steps", type=int, default=300, help="total optimizer steps of the run")
     add(g, "--batch-size", type=int, default=16, help="sequences per step")
     add(g, "--clip-grad-norm", type=off_or_positive, default=None,
         help="clip the global gradient norm to this (LOMO: a norm-only backward pass first); 0: off")
@@ -92,8 +92,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
     add(g, "--seed", type=int, default=0, help="seed of initialization, data split and order, stochastic rounding")
     add(g, "--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU if there is one)")
     add(g, "--threads", type=int,
-        help="CPU threads for torch (default: torch's choice, one per core; on a CPU shared with other jobs, "
-             "1 is often much faster)")
+        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else 1: OpenMP threads spin-wait, and on "
+             "a CPU shared with other jobs two threads ran 15x slower than one here; raise it on a machine of your own)")
 
     g = parser.add_argument_group("output and progress")
     add(g, "--output", default="runs/default", metavar="DIR",
@@ -103,7 +103,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
              "--save-every, --keep-checkpoints, --max-minutes, --device and --threads may change)")
     add(g, "--overwrite", action="store_true", default=False, help="replace the run already in --output")
     add(g, "--eval-every", type=int, default=100, help="evaluate on the held-out split every N steps and at the end (0: only at the end)")
-    add(g, "--save-every", type=int, default=200, help="checkpoint every N steps and at the end (0: only at the end)")
+    add(g, "--save-every", type=int, default=100, help="checkpoint every N steps and at the end (0: only at the end)")
     add(g, "--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
     add(g, "--max-minutes", type=float, help="stop (and save) after this much training time")
     add(g, "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import resource
 import shutil
 import time
@@ -253,8 +254,9 @@ def prepare(args, explicit: set[str], say) -> Run:
     if run_info and run_info["data_sha256"] != digest:
         raise UsageError("--resume: the data differ from those the run started with; resume needs the same data")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (None if "OMP_NUM_THREADS" in os.environ else 1)
+    if threads is not None:
+        torch.set_num_threads(threads)
     model = build_model(source, config, DTYPES[args.dtype], resume_from, args.seed).to(device)
     if args.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
