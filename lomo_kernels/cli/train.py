@@ -100,7 +100,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
         help="run directory: final model (loads with AutoModelForCausalLM.from_pretrained), checkpoints, metrics")
     add(g, "--resume", action="store_true", default=False,
         help="continue the run in --output from its latest checkpoint, exactly (only --steps, --eval-every, "
-             "--save-every, --keep-checkpoints, --max-minutes, --device and --threads may change)")
+             "--save-every, --keep-checkpoints, --max-minutes and --device may change, besides --threads and --progress)")
     add(g, "--overwrite", action="store_true", default=False, help="replace the run already in --output")
     add(g, "--eval-every", type=int, default=100, help="evaluate on the held-out split every N steps and at the end (0: only at the end)")
     add(g, "--save-every", type=int, default=100, help="checkpoint every N steps and at the end (0: only at the end)")

@@ -24,10 +24,10 @@ from .tokenizer import ByteTokenizer, save_byte_tokenizer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("constant", "linear", "cosine")
 # Options that belong to one invocation, not to the run (never stored in run.json).
-INVOCATION_OPTIONS = {"resume", "overwrite", "config", "output", "progress"}
+INVOCATION_OPTIONS = {"resume", "overwrite", "config", "output", "progress", "threads"}
 METRICS_FILE = "metrics.jsonl"
 # Options a resumed run may change; every other option must match the run being resumed.
-RESUMABLE_OPTIONS = {"steps", "eval_every", "save_every", "keep_checkpoints", "max_minutes", "device", "threads"}
+RESUMABLE_OPTIONS = {"steps", "eval_every", "save_every", "keep_checkpoints", "max_minutes", "device"}
 
 
 class TrainingDiverged(Exception):
@@ -254,9 +254,6 @@ def prepare(args, explicit: set[str], say) -> Run:
     if run_info and run_info["data_sha256"] != digest:
         raise UsageError("--resume: the data differ from those the run started with; resume needs the same data")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = args.threads if args.threads is not None else (None if "OMP_NUM_THREADS" in os.environ else 1)
-    if threads is not None:
-        torch.set_num_threads(threads)
     model = build_model(source, config, DTYPES[args.dtype], resume_from, args.seed).to(device)
     if args.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
@@ -351,9 +348,16 @@ def run_training(args, explicit: set[str], say=print) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its per-file load/save bars would interleave with ours
-    run = prepare(args, explicit, say)
-    started = time.perf_counter()
-    train_loop(run)
+    threads_before = torch.get_num_threads()
+    threads = args.threads if args.threads is not None else (None if "OMP_NUM_THREADS" in os.environ else 1)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        run = prepare(args, explicit, say)
+        started = time.perf_counter()
+        train_loop(run)
+    finally:
+        torch.set_num_threads(threads_before)  # leave an in-process caller (e.g. tests) as it was
     summary = summarize(run.history, run.out, time.perf_counter() - started, run.device)
     ckpt.write_json_atomic(run.out / "summary.json", summary["numbers"])
     plot_loss_curve(run.history, run.out / "loss_curve.png")
