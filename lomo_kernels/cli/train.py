@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..ops._common import BACKENDS
 from ..training.errors import UsageError
-from ..training.optimizers import OPTIMIZERS
+from ..training.optimizers import DEFAULT_LR, OPTIMIZERS
 from ..training.presets import PRESETS
 from ..training.trainer import DTYPES, SCHEDULES
 
@@ -71,7 +71,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
     g = parser.add_argument_group("optimization")
     add(g, "--optimizer", choices=OPTIMIZERS, default="lomo",
         help="lomo / adalomo: fused, no gradient kept; sgd / adamw: torch baselines; lomo-optim: the PyPI reference LOMO")
-    add(g, "--lr", type=float, default=0.5, help="peak learning rate")
+    add(g, "--lr", type=float,
+        help=f"peak learning rate (default by optimizer: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
     add(g, "--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule after warmup")
     add(g, "--warmup-steps", type=int, default=10, help="steps of linear warmup from lr/warmup to lr")
     add(g, "--steps", type=int, default=300, help="total optimizer steps of the run")

@@ -15,7 +15,9 @@ import torch
 from .errors import UsageError
 
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw", "lomo-optim")
-FUSED = ("lomo", "adalomo", "lomo-optim")
+# Peak learning rates that train the built-in models from random init (SGD-like rules need a far
+# larger lr than AdaLomo's relative updates or AdamW's normalized ones).
+DEFAULT_LR = {"lomo": 0.5, "sgd": 0.5, "lomo-optim": 0.5, "adalomo": 1e-2, "adamw": 1e-3}
 
 
 @dataclass
@@ -31,10 +33,11 @@ def check_optimizer_options(args) -> None:
     if args.dtype == "fp16" and args.optimizer in ("sgd", "adamw"):
         raise UsageError(f"--dtype fp16 trains fp16 weights, which needs loss scaling; --optimizer {args.optimizer} "
                          "has none here. Use --dtype bf16 or fp32, or a LOMO optimizer")
-    fused_only = [flag for flag, value in (("--rounding", args.rounding), ("--backend", args.backend != "auto" or None))
-                  if value is not None]
-    if fused_only and args.optimizer not in ("lomo", "adalomo"):
-        raise UsageError(f"{', '.join(fused_only)} only apply to --optimizer lomo or adalomo")
+    if args.optimizer not in ("lomo", "adalomo"):
+        if args.rounding is not None:
+            raise UsageError(f"--rounding only applies to --optimizer lomo or adalomo, not {args.optimizer}")
+        if args.backend != "auto":
+            raise UsageError(f"--backend only applies to --optimizer lomo or adalomo, not {args.optimizer}")
 
 
 class FusedRunner:

@@ -16,7 +16,7 @@ import torch
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX, BatchOrder, PackedData, TokenizerAdapter, pack, read_documents, split_eval
 from .errors import UsageError
-from .optimizers import build_runner, check_optimizer_options
+from .optimizers import DEFAULT_LR, build_runner, check_optimizer_options
 from .presets import PRESETS, preset_config
 from .report import plot_loss_curve, summarize
 from .tokenizer import ByteTokenizer, save_byte_tokenizer
@@ -48,6 +48,8 @@ def lr_at(step: int, args) -> float:
 
 
 def check_options(args) -> None:
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
     positive = [("steps", args.steps), ("batch_size", args.batch_size), ("seq_len", args.seq_len),
                 ("lr", args.lr), ("max_eval_sequences", args.max_eval_sequences), ("keep_checkpoints", args.keep_checkpoints)]
     for name, value in positive:
