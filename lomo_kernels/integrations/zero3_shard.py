@@ -121,7 +121,7 @@ def check_resume(saved_world_size: int, saved_rank: int, world_size: int, rank: 
     """ZeRO-3 shards are per rank: a shard checkpoint only fits the same layout."""
     if saved_world_size != world_size:
         raise ValueError(f"checkpoint holds ZeRO-3 shards of {saved_world_size} data-parallel ranks, this run has "
-                         f"{world_size}: shards do not fit another world size. Resume with {saved_world_size} ranks, "
-                         "or load full weights saved by full_state_dict() into the model before attaching")
+                         f"{world_size}: shards do not fit another world size. Resume with {saved_world_size} ranks, or "
+                         "start from full weights (Zero3Updater.full_state_dict(), the launcher's --export)")
     if saved_rank != rank:
         raise ValueError(f"this rank ({rank}) was given the shard checkpoint of rank {saved_rank}")

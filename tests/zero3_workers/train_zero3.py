@@ -120,18 +120,22 @@ def run_case(name, rank):
     result = dict(asdict(case), initial=initial, final=updater.full_state_dict(), norms=norms, records=records,
                   skipped=skipped, routes=dict(updater.last_strategy),
                   persistent=sorted(n for n, p in model.named_parameters() if p.ds_persist))
-    if name == "reduce_scatter":
+    if name in ("reduce_scatter", "adalomo_reduce_scatter"):
         result["resume"] = check_resume(updater)
     return result
 
 
 def check_resume(updater):
-    """A shard checkpoint restores the shards; one from another world size is refused before any write."""
+    """A shard checkpoint restores the shards and the optimizer state (AdaLomo: sharded statistics);
+    one from another world size is refused before any write."""
     saved = updater.state_dict()
     params = dict(updater.optimizer.model.named_parameters())
     first = next(iter(updater.shards.values()))
     with torch.no_grad():
         params[first.name].ds_tensor.zero_()
+        for entry in updater.optimizer._named_state().values():
+            for tensor in entry.values():
+                tensor.zero_()
     wrong = dict(saved, world_size=4)
     try:
         updater.load_state_dict(wrong)
@@ -140,8 +144,13 @@ def check_resume(updater):
         refused = str(err)
     untouched = bool((params[first.name].ds_tensor == 0).all())
     updater.load_state_dict(saved)
+    reloaded = updater.state_dict()
     restored = all(torch.equal(params[n].ds_tensor[:t.numel()], t) for n, t in saved["shards"].items())
-    return dict(refused=refused, untouched=untouched, restored=restored)
+    state, state_again = saved["optimizer"]["state"], reloaded["optimizer"]["state"]
+    restored_state = state.keys() == state_again.keys() and all(
+        torch.equal(t, state_again[n][k]) for n, entry in state.items() for k, t in entry.items())
+    return dict(refused=refused, untouched=untouched, restored=restored, restored_state=restored_state,
+                state_entries=sum(len(entry) for entry in state.values()))
 
 
 def worker(rank, out_file, port):
