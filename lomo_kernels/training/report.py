@@ -44,7 +44,7 @@ def _fmt(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def plot_loss_curve(history: list[dict], path: Path) -> None:
+def plot_loss_curve(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,6 +56,7 @@ def plot_loss_curve(history: list[dict], path: Path) -> None:
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="training loss")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+    ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)

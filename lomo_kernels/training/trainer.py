@@ -232,6 +232,7 @@ class Run:
     device: torch.device
     start_step: int
     history: list[dict]
+    model_name: str
 
     def save(self, step: int) -> Path:
         state = {"step": step, "optimizer": self.runner.state_dict(), "data": self.order.state_dict(),
@@ -287,7 +288,8 @@ def prepare(args, explicit: set[str], say) -> Run:
     say(f"model {run_source.spec}: {n_params / 1e6:.2f} M parameters, {args.dtype}, on {device}; optimizer {args.optimizer}")
     say(f"data: {len(train_data)} training and {len(eval_data) if eval_data else 0} held-out sequences "
         f"of {args.seq_len} tokens")
-    return Run(args, out, model, runner, order, train_data, eval_data, save_tokenizer, device, start_step, history)
+    return Run(args, out, model, runner, order, train_data, eval_data, save_tokenizer, device, start_step, history,
+               run_source.spec)
 
 
 def train_loop(run: Run) -> None:
@@ -362,7 +364,8 @@ def run_training(args, explicit: set[str], say=print) -> Path:
         torch.set_num_threads(threads_before)  # leave an in-process caller (e.g. tests) as it was
     summary = summarize(run.history, run.out, time.perf_counter() - started, run.device)
     ckpt.write_json_atomic(run.out / "summary.json", summary["numbers"])
-    plot_loss_curve(run.history, run.out / "loss_curve.png")
+    plot_loss_curve(run.history, run.out / "loss_curve.png",
+                    f"{run.model_name}, {run.args.optimizer}, lr {run.args.lr:g}, {run.args.dtype}")
     say(summary["table"])
     say(f"outputs in {run.out.resolve()}: model (config.json, model.safetensors, tokenizer), {METRICS_FILE}, "
         f"loss_curve.png, summary.json, checkpoints/")
