@@ -5,7 +5,7 @@ import argparse
 import importlib.util
 import sys
 
-from ..training.errors import UsageError
+from ..training import TrainingDiverged, UsageError, run_training
 from .train import DESCRIPTION, EPILOG, HelpFormatter, Parser, add_train_arguments, config_tokens
 
 EXIT_OS, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -61,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
             return planner.run_plan(args) or 0
         explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv))) - {"command"}
-        from ..training import run_training
-
         run_training(args, explicit)
         return 0
     except UsageError as exc:
@@ -74,10 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lomo-kernels: interrupted; the latest checkpoint (if any) is intact", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:
-        from ..training import TrainingDiverged
-
-        if not isinstance(exc, TrainingDiverged):
-            raise
+    except TrainingDiverged as exc:
         print(f"lomo-kernels: error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -16,7 +16,7 @@ Full-parameter fine-tuning of a causal language model, with the optimizer update
 backward pass (LOMO / AdaLomo) or a baseline optimizer for comparison.
 
 With no options it trains the built-in "small" model on the Python standard library's own source
-files for a few minutes on a CPU, and prints where its outputs are."""
+files for a few minutes at most on a 2-core CPU, and prints where its outputs are."""
 
 EPILOG = """\
 data formats: a .jsonl file holds one JSON object per line, either {"text": ...} or
@@ -45,7 +45,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def off_or_positive(text: str) -> float | None:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 (0 turns it off), got {text}")
     return value or None
