@@ -281,10 +281,10 @@ def test_help_shows_every_option_with_its_default(capsys):
 
 
 def test_no_arguments_runs_the_embedded_default(monkeypatch, capsys):
-    import lomo_kernels.training as training
+    import lomo_kernels.cli as cli
 
     seen = {}
-    monkeypatch.setattr(training, "run_training", lambda args, explicit: seen.update(args=args, explicit=explicit))
+    monkeypatch.setattr(cli, "run_training", lambda args, explicit: seen.update(args=args, explicit=explicit))
     assert main([]) == 0
     args = seen["args"]
     assert (args.model, args.data, args.optimizer, args.output) == ("small", None, "lomo", "runs/default")
