@@ -200,8 +200,10 @@ def test_stochastic_rounding_unbiased_over_seeds_on_linear(dtype):
         lk.linear_update_(w, x, dy, lr=1e-3, rounding="stochastic", seed=seed)
         runs.append(w.double())
     runs = torch.stack(runs)
+    # Each of the 12 means within 4 standard errors (3 each would fail ~3% of fresh inputs by chance
+    # alone; 4 keeps that under 0.1% and still catches a bias of a fraction of an ulp).
     se = runs.std(0) / math.sqrt(len(runs))
-    assert bool(((runs.mean(0) - exact).abs() <= 3 * se + 1e-12).all())
+    assert bool(((runs.mean(0) - exact).abs() <= 4 * se + 1e-12).all())
 
 
 def test_stochastic_rounding_is_reproducible_and_seeded():
