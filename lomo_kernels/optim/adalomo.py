@@ -121,26 +121,35 @@ class AdaLomo(FusedOptimizer):
                     rounding=self._rounding_for(param), seed=self._seed_for(param), backend=self.backend,
                     name=self._name(param))
 
-    def direction(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The unnormalized update ``u`` from the full fp32 gradient (raw, loss-scaled) of ``param``."""
-        g = grad.to(torch.float32) / self.loss_scale
+    def clipped_gradient_(self, grad: torch.Tensor) -> torch.Tensor:
+        """``c · clamp(grad / loss_scale, ±clip_grad_value)`` (lomo-optim's order), in place on an fp32 ``grad``."""
+        g = grad.to(torch.float32).div_(self.loss_scale)
         if self.clip_grad_value is not None:
             g = g.clamp_(-self.clip_grad_value, self.clip_grad_value)
         if self.clip_coef != 1.0:
             g = g.mul_(self.clip_coef)
+        return g
+
+    def direction_(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The unnormalized update ``u`` from the full (loss-scaled) gradient of ``param``; consumes
+        ``grad`` (an fp32 ``grad`` becomes ``u`` in place, so one gradient-sized tensor is alive)."""
+        g = self.clipped_gradient_(grad)
         name = self._name(param)
         if g.dim() == 1:
             beta = self.beta2t()
             v = self.exp_avg_sq[name].mul_(beta).add_(g * g + self.eps[0], alpha=1.0 - beta)
-            return v.rsqrt() * g
-        sq = g * g
-        row_scale, col_scale = self.update_factored_stats(name, sq.mean(dim=1), sq.mean(dim=0))
+            return g.mul_(v.rsqrt())
+        # mean squares by norm reductions: no g²-sized temporary
+        row_sq_mean = torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])
+        col_sq_mean = torch.linalg.vector_norm(g, dim=0).square_().div_(g.shape[0])
+        row_scale, col_scale = self.update_factored_stats(name, row_sq_mean, col_sq_mean)
         return g.mul_(row_scale[:, None]).mul_(col_scale)
 
     # --- the Updater's apply phase -----------------------------------------------------------------
 
     def dense_apply(self, param, grad, *, apply_decay=True):
-        u = self.direction(param, grad)
+        """Consumes ``grad`` (see ``direction_``): the callers (hooks, tie buffers) drop it afterwards."""
+        u = self.direction_(param, grad)
         coef = self.normalizer(float(u.norm() ** 2), u.numel())
         ops.dense_update_(param, u, **self._apply_args(param, coef, apply_decay))
 
@@ -172,12 +181,8 @@ class AdaLomo(FusedOptimizer):
         gradient, whose other rows are zero; statistics and weight decay still cover every row."""
         name, vocab = self._name(param), param.shape[0]
         rows, g = adalomo_stats.embedding_row_gradients(param, indices, dy, padding_idx, name=name)
-        g = g / self.loss_scale
-        if self.clip_grad_value is not None:
-            g = g.clamp_(-self.clip_grad_value, self.clip_grad_value)
-        if self.clip_coef != 1.0:
-            g = g.mul_(self.clip_coef)
-        sq = g * g
+        g = self.clipped_gradient_(g)
+        sq = g * g  # touched rows only: token-sized
         row_sq_mean = torch.zeros(vocab, dtype=torch.float32, device=param.device)
         row_sq_mean[rows] = sq.mean(dim=1)
         row_scale, col_scale = self.update_factored_stats(name, row_sq_mean, sq.sum(dim=0) / vocab)
