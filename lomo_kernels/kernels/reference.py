@@ -143,11 +143,16 @@ def adalomo_sq_sums(row_sums: torch.Tensor, col_sums: torch.Tensor, x: torch.Ten
 def adalomo_sq_sums_ghost(row_sums: torch.Tensor, col_sums: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
                           inv_loss_scale: float) -> None:
     """The same sums without value clipping, from token-by-token Gram matrices:
-    ``Σ_j G_ij² = (dyᵀ (x xᵀ) dy)_ii`` and ``Σ_i G_ij² = (xᵀ (dy dyᵀ) x)_jj``; no weight-sized tensor."""
+    ``Σ_j G_ij² = (dyᵀ (x xᵀ) dy)_ii`` and ``Σ_i G_ij² = (xᵀ (dy dyᵀ) x)_jj``, in blocks of token rows:
+    no weight-sized tensor and no second activation-sized one."""
+    tokens = x.shape[0]
     x32 = x.to(torch.float32)
     dy32 = dy.to(torch.float32) * inv_loss_scale
-    row_sums += (dy32 * ((x32 @ x32.t()) @ dy32)).sum(0)
-    col_sums += (x32 * ((dy32 @ dy32.t()) @ x32)).sum(0)
+    rows = _rows_per_chunk(max(tokens, x.shape[1], dy.shape[1]))
+    for t0 in range(0, tokens, rows):
+        t1 = min(t0 + rows, tokens)
+        row_sums += (dy32[t0:t1] * ((x32[t0:t1] @ x32.t()) @ dy32)).sum(0)
+        col_sums += (x32[t0:t1] * ((dy32[t0:t1] @ dy32.t()) @ x32)).sum(0)
 
 
 def adalomo_scaled_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,

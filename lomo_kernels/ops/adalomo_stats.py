@@ -24,7 +24,7 @@ from ..kernels import reference
 from ._common import UpdateRule, check_stats
 from .embedding_update import _flatten as _flatten_embedding
 from .linear_update import _flatten as _flatten_linear
-from .linear_update import choose_norm_method, linear_grad_sqnorm_, linear_update_
+from .linear_update import linear_grad_sqnorm_, linear_update_
 
 
 @torch.library.custom_op("lomo_kernels::adalomo_sq_sums_", mutates_args=("row_sums", "col_sums"))
@@ -86,10 +86,12 @@ def adalomo_sq_sums_(row_sums: torch.Tensor, col_sums: torch.Tensor, weight: tor
                      method: str = "auto", name: str = "weight") -> None:
     """Add the row and column sums of ``clamp(dyᵀx / loss_scale, ±clip_value)²`` to ``row_sums`` [out]
     and ``col_sums`` [in] (float32). ``method``: "gemm" (row blocks of G), "ghost" (token Gram
-    matrices; no value clipping), "auto" (ghost when cheaper and allowed)."""
+    matrices; no value clipping), "auto" (ghost when cheaper and allowed: its four GEMMs cost
+    2·T²·(in+out) multiply-adds against the gemm pass's T·in·out)."""
     x2, dy2 = _checked(weight, x, grad_out, row_sums, col_sums, "row_sums", "col_sums", loss_scale, clip_value, name)
     if method == "auto":
-        method = "gemm" if clip_value is not None else choose_norm_method(x2.shape[0], weight.shape[1], weight.shape[0])
+        tokens, (out_f, in_f) = x2.shape[0], weight.shape
+        method = "ghost" if clip_value is None and 2 * tokens * (in_f + out_f) <= in_f * out_f else "gemm"
     if method not in ("gemm", "ghost"):
         raise ValueError(f"{name}: method must be 'auto', 'gemm' or 'ghost', got {method!r}")
     if method == "ghost" and clip_value is not None:
