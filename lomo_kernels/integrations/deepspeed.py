@@ -42,7 +42,6 @@ from .. import ops
 from ..optim.adalomo import AdaLomo
 from ..optim.base import FusedOptimizer
 from ..optim.lomo import Lomo
-from ..patch import patch, unpatch
 from .zero3_shard import STRATEGIES, check_resume, check_zero3_config, choose_strategy, flat_range_blocks, \
     shard_range
 
@@ -396,9 +395,7 @@ def attach(optimizer: FusedOptimizer, ds_config: dict, *, strategy: str = "auto"
     updater = Zero3Updater(optimizer, engine, group, strategy)
     if isinstance(optimizer, AdaLomo):
         _shard_adalomo_statistics(optimizer, updater)
-    # Re-route the fused sites and hooks from the optimizer to the shard-aware updater.
-    unpatch(model)
-    optimizer.handle = patch(model, updater)
+    optimizer.reroute(updater)
     model.register_forward_hook(updater.snapshot_backward_counters)
     return updater
 

@@ -246,6 +246,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Restore the model's modules and hooks; this optimizer can no longer train it."""
         unpatch(self.model)
 
+    def reroute(self, updater) -> None:
+        """Send the model's fused backward calls to ``updater`` instead of this optimizer (an updater that
+        wraps it, e.g. the ZeRO-3 one, which maps each call onto the rank's shard)."""
+        unpatch(self.model)
+        self.handle = patch(self.model, updater)
+
     # --- checkpoints -----------------------------------------------------------------------------
 
     def _named_state(self) -> dict[str, dict[str, torch.Tensor]]:
