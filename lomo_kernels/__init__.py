@@ -6,3 +6,5 @@ from .optim import AdaLomo, Lomo
 from .patch import patch, unpatch
 
 __version__ = "0.1.0"
+__all__ = ["Lomo", "AdaLomo", "patch", "unpatch", "available_backends", "linear_update_", "linear_grad_sqnorm_",
+           "embedding_update_", "embedding_grad_sqnorm_", "dense_update_", "dense_grad_sqnorm_"]
