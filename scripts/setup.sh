@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+# -qq: errors only (this machine's pip config lists local index folders that warn on every lookup)
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -qq)
 
 # torch first and pinned: an unpinned torch (or a build-isolated one) pulls a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
