@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
+
+import torch
 
 from ..training import TrainingDiverged, UsageError, run_training
 from .train import DESCRIPTION, EPILOG, HelpFormatter, Parser, add_train_arguments, config_tokens
@@ -46,6 +49,10 @@ def _expand_config(argv: list[str], parser: Parser) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():
+        # transformers imports DeepSpeed (when installed) on save; naming its accelerator spares the user
+        # its "unable to detect" warning on CPU machines.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not argv:
         print("lomo-kernels: no command given, running the default `lomo-kernels train` (see lomo-kernels --help)")
         argv = ["train"]
