@@ -112,6 +112,26 @@ def test_fp16_without_overflow_equals_unscaled_update_up_to_fp16_rounding():
         assert (p.float() - expected).abs().max().item() <= tol, name
 
 
+def test_fp16_default_scale_is_gradscalers_and_overflow_messages_go_to_logging_not_stdout(capsys, caplog):
+    """lomo-optim's 2**32 skipped the first dozen steps of a tiny LLaMA; GradScaler's 2**16 trains at once."""
+    assert DynamicLossScaler().loss_scale == 2**16
+    model = tiny_llama().half().eval()
+    opt = lk.Lomo(model, lr=1e-2)
+    assert opt.loss_scale == 2**16
+    for ids in batches(model.config.vocab_size, 3):
+        opt.fused_backward(model(input_ids=ids, labels=ids).loss, 1e-2)
+        assert not opt.skipped_step
+    injector = InjectInf(model.model.layers[0].mlp.down_proj)
+    injector.armed = True
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="lomo_kernels"):
+        ids = batches(model.config.vocab_size, 1)[0]
+        opt.fused_backward(model(input_ids=ids, labels=ids).loss, 1e-2)
+    assert opt.skipped_step and opt.loss_scale == 2**15
+    assert any("OVERFLOW! Skipping step" in r.getMessage() and r.name == "lomo_kernels" for r in caplog.records)
+    assert "OVERFLOW" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("delayed_shift,consecutive", [(1, False), (2, False), (3, True)])
 def test_loss_scaler_follows_lomo_optim_rule(delayed_shift, consecutive):
     kwargs = dict(init_scale=2**16, scale_window=4, delayed_shift=delayed_shift, consecutive_hysteresis=consecutive)

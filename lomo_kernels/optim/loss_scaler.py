@@ -5,9 +5,12 @@ Differences from ``lomo_optim.lomo.DynamicLossScaler``, all deliberate:
 * ``update_scale(overflow=False)`` is actually called after every clean step (lomo-optim never calls
   it, so its scale only ever goes down); after ``scale_window`` clean steps the scale is multiplied
   by ``scale_factor`` again, exactly by lomo-optim's own rule.
-* Overflow messages go to the ``lomo_kernels`` logger instead of ``print`` on
-  ``torch.distributed.get_rank() == 0``, so nothing calls ``torch.distributed`` when it is not
-  initialized.
+* The initial scale is ``2**16`` (``torch.amp.GradScaler``'s), not lomo-optim's ``2**32``: from
+  ``2**32`` a tiny LLaMA overflows (and skips) its first dozen steps while the scale comes down.
+* Overflow messages ("OVERFLOW! Skipping step ...") go to the ``lomo_kernels`` logger (level
+  WARNING), never to stdout, instead of ``print`` on ``torch.distributed.get_rank() == 0``; so nothing
+  calls ``torch.distributed`` when it is not initialized, and a program's stdout stays its own
+  (``logging.getLogger("lomo_kernels").setLevel(logging.ERROR)`` silences them).
 * Detection of non-finite gradients is not done here (lomo-optim syncs the host once per tensor):
   the optimizer's norm phase counts non-finite entries on the device and syncs once per step.
 """
@@ -19,9 +22,11 @@ import torch
 
 logger = logging.getLogger("lomo_kernels")
 
+DEFAULT_INIT_SCALE = 2.0**16  # torch.amp.GradScaler's
+
 
 class DynamicLossScaler:
-    def __init__(self, init_scale: float = 2**32, scale_factor: float = 2.0, scale_window: int = 1000,
+    def __init__(self, init_scale: float = DEFAULT_INIT_SCALE, scale_factor: float = 2.0, scale_window: int = 1000,
                  min_scale: float = 1, delayed_shift: int = 1, consecutive_hysteresis: bool = False,
                  raise_error_at_min_scale: bool = True, dtype: torch.dtype = torch.half):
         if not init_scale > 0 or not min_scale > 0:
