@@ -325,3 +325,62 @@ def test_fine_tune_a_local_model_directory_then_resume(tmp_path, finished_run, d
     assert code == 0, err
     assert list(train_losses(run)) == [1, 2, 3]
     assert json.loads((run / "run.json").read_text())["model_source"] == {"kind": "path", "spec": str(finished_run)}
+
+
+# --- small traps (issue 10, item 5) ------------------------------------------------------------------
+
+def test_a_short_run_warms_up_for_a_tenth_of_its_steps(tmp_path, data_file, capsys):
+    no_warmup = TINY[:TINY.index("--warmup-steps")] + TINY[TINY.index("--warmup-steps") + 2:]
+    run = tmp_path / "run"
+    assert main(["train", *no_warmup, "--data", str(data_file), "--steps", "5", "--output", str(run)]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((run / "run.json").read_text())["options"]["warmup_steps"] == 0
+    code, _, err = train(capsys, "--data", data_file, "--steps", 5, "--warmup-steps", 6, "--output", tmp_path / "b")
+    assert code == EXIT_USAGE and "--warmup-steps (6) exceeds --steps (5)" in err  # an explicit one is still checked
+
+
+def test_an_unreadable_data_directory_is_named_permission_denied(tmp_path, data_file, capsys, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("text")
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if Path(path) == data:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    code, out, err = train(capsys, "--data", data, "--steps", 1, "--output", tmp_path / "run")
+    assert code == EXIT_USAGE and f"data directory {data}: permission denied" in err
+    assert "holds no files" not in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_permission_error_while_writing_is_named_as_such(tmp_path, data_file, capsys, monkeypatch):
+    import lomo_kernels.training.checkpoint as ckpt
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "checkpoints"))
+
+    monkeypatch.setattr(ckpt.torch, "save", refuse)
+    code, _, err = train(capsys, "--data", data_file, "--steps", 1, "--output", tmp_path / "run")
+    assert code == EXIT_OS and "permission denied" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "lots"])
+def test_plan_refuses_a_gpu_size_that_is_not_positive(capsys, value):
+    assert main(["plan", "--model", "llama-7b", "--gpu-gib", value]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--gpu-gib" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "--help"], ["train", "--help"]])
+def test_help_lists_the_exit_statuses(capsys, argv):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and "exit status" in shown
+    if argv[0] != "train":
+        assert "1 a method does not fit in --gpu-gib" in shown and "2 bad input" in shown
+    if argv[0] != "plan":
+        assert "3 the loss became NaN/inf" in shown and "130 interrupted" in shown

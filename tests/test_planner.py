@@ -3,13 +3,14 @@ real tracked (and profiled) run of the same step, the LOMO paper's LLaMA-7B tota
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 from lomo_kernels.memory import MemoryTracker, plan, run_plan
 from lomo_kernels.memory.methods import StepConfig, Trainer
-from lomo_kernels.memory.planner import build_model, load_config, main
+from lomo_kernels.memory.planner import PlanExtrapolationWarning, build_model, load_config, main
 from lomo_kernels.memory.tracker import peak_bytes_profiled
 
 SMALL_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
@@ -97,13 +98,48 @@ def test_layer_extrapolation_equals_the_full_depth_run(tmp_path):
     path.write_text(json.dumps(SMALL_LLAMA | {"num_hidden_layers": 4}))
     for method in ("adamw", "lomo"):
         full = plan(str(path), method, "fp16", 2, 32)
-        sampled = plan(str(path), method, "fp16", 2, 32, sample_layers=1)
+        with pytest.warns(PlanExtrapolationWarning, match=r"checked at 3 layers it was off by [+-]\d+\.\d\d%"):
+            sampled = plan(str(path), method, "fp16", 2, 32, sample_layers=1)
         assert sampled.n_params == full.n_params
         assert sampled.total_bytes == pytest.approx(full.total_bytes, rel=1e-3)
+        assert sampled.extrapolation_error is not None and abs(sampled.extrapolation_error) < 1e-3
+
+
+def test_sample_layers_warns_on_the_command_line_with_its_measured_error(tmp_path, capsys):
+    path = tmp_path / "deep.json"
+    path.write_text(json.dumps(SMALL_LLAMA | {"num_hidden_layers": 4}))
+    assert main(["--model", str(path), "--method", "adamw", "--seq-len", "16", "--sample-layers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: adamw: --sample-layers 1: the peak is extrapolated from 1 and 2 layers to 4" in err
+    assert "off by" in err
+    # too shallow to check at 3N: still a warning, saying so
+    with pytest.warns(PlanExtrapolationWarning, match="unchecked"):
+        plan(_deeper(tmp_path, 5), "sgd", "fp16", 1, 16, sample_layers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 2N equal to the depth: the full depth runs, nothing is extrapolated
+        assert plan(str(path), "sgd", "fp16", 1, 16, sample_layers=2).extrapolation_error is None
+
+
+def _deeper(tmp_path, layers: int) -> str:
+    path = tmp_path / f"deep{layers}.json"
+    path.write_text(json.dumps(SMALL_LLAMA | {"num_hidden_layers": layers}))
+    return str(path)
+
+
+def test_plan_all_works_without_lomo_optim_installed(small_config, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lomo_optim", None)  # `import lomo_optim` raises ImportError
+    assert main(["--model", small_config, "--method", "all", "--seq-len", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "| lomo |" in captured.out and "| adamw |" in captured.out and "| lomo-optim |" not in captured.out
+    assert "lomo-optim skipped" in captured.err and "pip install lomo-optim" in captured.err
+    assert "note: lomo-optim skipped" in captured.out
+    assert main(["--model", small_config, "--method", "lomo-optim", "--seq-len", "8"]) == 2
+    assert "needs the lomo-optim package (pip install lomo-optim" in capsys.readouterr().err
 
 
 # --- the LOMO paper's LLaMA-7B figures -----------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore::lomo_kernels.memory.planner.PlanExtrapolationWarning")
 @pytest.mark.parametrize("method, paper_gib", [("adamw", 102.20), ("sgd", 51.99), ("lomo-optim", 14.58)])
 def test_plan_reproduces_the_lomo_paper_llama7b_totals_within_3_percent(method, paper_gib):
     result = plan("llama-7b", method, "fp16", batch_size=6, seq_len=512, checkpointing=True, sample_layers=1)
@@ -111,6 +147,7 @@ def test_plan_reproduces_the_lomo_paper_llama7b_totals_within_3_percent(method, 
     assert result.total_gib == pytest.approx(paper_gib, rel=0.03)
 
 
+@pytest.mark.filterwarnings("ignore::lomo_kernels.memory.planner.PlanExtrapolationWarning")
 def test_fused_lomo_keeps_no_weight_gradient_and_beats_lomo_optim():
     ours = plan("llama-7b", "lomo", "fp16", 1, 512, sample_layers=1)
     reference = plan("llama-7b", "lomo-optim", "fp16", 1, 512, sample_layers=1)
@@ -135,6 +172,7 @@ def test_zero3_divides_sharded_categories_and_adds_one_gathered_layer(small_conf
 @pytest.mark.parametrize("kwargs, message", [
     ({"model": "llama-3b"}, "presets|config.json"), ({"method": "adam"}, "method"), ({"dtype": "fp8"}, "dtype"),
     ({"batch_size": 0}, "batch_size"), ({"world_size": 0}, "world_size"), ({"sample_layers": 40}, "sample_layers"),
+    ({"gpu_gib": -5}, "gpu_gib"), ({"gpu_gib": 0}, "gpu_gib"), ({"gpu_gib": float("nan")}, "gpu_gib"),
 ])
 def test_plan_rejects_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):

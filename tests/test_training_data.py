@@ -1,6 +1,7 @@
 """Data reading, packing, splitting and ordering; the byte tokenizer; lr schedules; atomic checkpoints."""
 import json
 import math
+import os
 from argparse import Namespace
 from pathlib import Path
 
@@ -84,6 +85,53 @@ def test_non_utf8_and_missing_paths_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="holds no files"):
         list(read_documents([str(tmp_path / "empty")]))
+
+
+def _deny(monkeypatch, denied: Path):
+    """The file system refuses ``denied`` (listing a directory, opening a file), as for another user's
+    unreadable path; chmod alone does not do it when the tests run as root."""
+    import builtins
+    import io
+
+    scandir, open_ = os.scandir, io.open
+
+    def refuse(path):
+        if isinstance(path, (str, Path)) and Path(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    def guarded_open(file, *args, **kwargs):
+        refuse(file)
+        return open_(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", lambda path=".": refuse(path) or scandir(path))
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)
+
+
+def test_unreadable_data_is_named_permission_denied_not_empty(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("some text")
+    (data / "sub" / "b.jsonl").write_text('{"text": "x"}\n')
+    for denied, kind in ((data, "directory"), (data / "sub", "directory"), (data / "a.txt", "file"),
+                         (data / "sub" / "b.jsonl", "file")):
+        with monkeypatch.context() as m:
+            _deny(m, denied)
+            with pytest.raises(UsageError, match=f"data {kind} {denied}: permission denied"):
+                list(read_documents([str(data)]))
+    if os.geteuid() != 0:  # the real thing, when not root
+        (data / "sub").chmod(0)
+        try:
+            with pytest.raises(UsageError, match="permission denied"):
+                list(read_documents([str(data)]))
+        finally:
+            (data / "sub").chmod(0o755)
+
+
+def test_warmup_defaults_to_a_tenth_of_a_short_run():
+    from lomo_kernels.training.trainer import default_warmup
+
+    assert [default_warmup(s) for s in (1, 5, 9, 10, 55, 100, 300, 10_000)] == [0, 0, 0, 1, 5, 10, 10, 10]
 
 
 def test_stdlib_corpus_is_the_standard_library_without_tests_or_site_packages():

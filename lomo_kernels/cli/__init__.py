@@ -12,6 +12,12 @@ from ..training import TrainingDiverged, UsageError, run_training
 from .train import DESCRIPTION, EPILOG, HelpFormatter, Parser, add_train_arguments, config_tokens
 
 EXIT_OS, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_STATUS = """\
+exit status:
+  train: 0 done, 1 a file-system error (disk full, permission denied), 2 bad input (nothing written),
+         3 the loss became NaN/inf (the last good checkpoint is kept), 130 interrupted
+  plan:  0 planned (and, with --gpu-gib, every method fits), 1 a method does not fit in --gpu-gib,
+         2 bad input"""
 
 
 def _has_planner() -> bool:
@@ -23,7 +29,8 @@ def _has_planner() -> bool:
 
 def build_parser(suppress_defaults: bool = False) -> Parser:
     parser = Parser(prog="lomo-kernels", description="Fused-update full-parameter fine-tuning (LOMO kernels). "
-                    "Run without a command to train the built-in default.")
+                    "Run without a command to train the built-in default.", epilog=EXIT_STATUS,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = commands.add_parser("train", help="fine-tune a causal LM (the default command)", description=DESCRIPTION,
                                 epilog=EPILOG, formatter_class=HelpFormatter)
@@ -31,7 +38,10 @@ def build_parser(suppress_defaults: bool = False) -> Parser:
     if _has_planner():
         from ..memory import planner
 
-        plan = commands.add_parser("plan", help="estimate peak training memory of a model and method")
+        plan = commands.add_parser("plan", help="estimate peak training memory of a model and method",
+                                   description="Peak memory per GPU of one training step of each method, planned "
+                                   "by running the real step on fake tensors (no GPU, no weights needed).",
+                                   epilog=planner.EXIT_STATUS)
         planner.add_plan_arguments(plan)
     return parser
 
@@ -73,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"lomo-kernels: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:  # the file system said no (permissions, disk full): not a bug to trace
+    except PermissionError as exc:  # named as such, with the path it concerns
+        print(f"lomo-kernels: error: permission denied: {exc.filename or exc} (check that this user may read "
+              "and write it); the latest complete checkpoint (if any) is intact", file=sys.stderr)
+        return EXIT_OS
+    except OSError as exc:  # the file system said no (disk full, ...): not a bug to trace
         print(f"lomo-kernels: error: {exc}; the latest complete checkpoint (if any) is intact", file=sys.stderr)
         return EXIT_OS
     except KeyboardInterrupt:

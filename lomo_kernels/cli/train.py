@@ -29,12 +29,19 @@ examples:
   lomo-kernels train --output runs/ft --resume --steps 2000
   lomo-kernels train --config run.yaml --optimizer adamw --lr 1e-3
 
-exit status: 0 done, 1 a file-system error (e.g. disk full), 2 bad input (nothing written), 3 the
-loss became NaN/inf (the last good checkpoint is kept), 130 interrupted."""
+exit status: 0 done, 1 a file-system error (e.g. disk full, permission denied), 2 bad input (nothing
+written; --resume with --steps below the step reached), 3 the loss became NaN/inf (the last good
+checkpoint is kept), 130 interrupted."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's line breaks and appends each option's default to its help."""
+    """Keeps the description's line breaks and appends each option's default to its help (unless the
+    default is None: such an option's help says what happens without it)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,7 +84,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
     add(g, "--lr", type=float,
         help=f"peak learning rate (default by optimizer: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
     add(g, "--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule after warmup")
-    add(g, "--warmup-steps", type=int, default=10, help="steps of linear warmup from lr/warmup to lr")
+    add(g, "--warmup-steps", type=int,
+        help="steps of linear warmup from lr/warmup to lr (default: min(10, steps // 10))")
     add(g, "--steps", type=int, default=300, help="total optimizer steps of the run")
     add(g, "--batch-size", type=int, default=16, help="sequences per step")
     add(g, "--clip-grad-norm", type=off_or_positive, default=None,

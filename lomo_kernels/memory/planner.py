@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -34,6 +36,23 @@ from .methods import FUSED_METHODS, METHODS, StepConfig, Trainer
 from .tracker import CATEGORIES, GiB, MemoryTracker
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_USAGE = 0, 1, 2
+EXIT_STATUS = ("exit status: 0 planned (and, with --gpu-gib, every method fits), 1 a method does not fit in "
+               "--gpu-gib, 2 bad input")
+LOMO_OPTIM_MISSING = ("the lomo-optim method runs lomo-optim's own code and needs the lomo-optim package "
+                      "(pip install lomo-optim==0.1.1, or lomo_kernels[reference])")
+
+
+class PlanExtrapolationWarning(UserWarning):
+    """A plan made with ``sample_layers`` is extrapolated; the message gives its measured error."""
+
+
+def has_lomo_optim() -> bool:
+    try:
+        import lomo_optim  # noqa: F401  (the planner runs its code, so it must import, not just exist)
+    except ImportError:
+        return False
+    return True
 
 # LLaMA-1 shapes (Touvron et al. 2023, table 2); "30b" is the model released as 33B.
 _LLAMA = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -161,6 +180,8 @@ class PlanResult:
     gathered_layer_bytes: int = 0
     gpu_gib: float | None = None
     notes: list[str] = field(default_factory=list)
+    # --sample-layers: relative error of the extrapolated total, measured at 3x the sampled depth
+    extrapolation_error: float | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -208,18 +229,40 @@ def plan(model: str = "llama-7b", method: str = "lomo", dtype: str = "fp16", bat
     if sample_layers is not None and not (isinstance(sample_layers, int) and 1 <= 2 * sample_layers <= layers):
         raise ValueError(f"sample_layers must be an int in [1, {layers // 2}] for a model of {layers} layers, "
                          f"got {sample_layers!r}")
-    if sample_layers is None:
-        measured, gathered, n_params = _measure(config, method, dtype, batch_size, seq_len, checkpointing,
-                                                clip_grad_norm, attn, backend)
+    if gpu_gib is not None and not (isinstance(gpu_gib, (int, float)) and math.isfinite(gpu_gib) and gpu_gib > 0):
+        raise ValueError(f"gpu_gib must be a positive number of GiB, got {gpu_gib!r}")
+    if method == "lomo-optim" and not has_lomo_optim():
+        raise ValueError(LOMO_OPTIM_MISSING)
+    extrapolation_error = None
+    settings = (method, dtype, batch_size, seq_len, checkpointing, clip_grad_norm, attn, backend)
+    if sample_layers is None or 2 * sample_layers == layers:
+        measured, gathered, n_params = _measure(config, *settings)
     else:
-        # Every category is affine in the layer count (same layers, same step): measure two depths, extrapolate.
-        small, big = (_measure(_with_layers(config, k * sample_layers), method, dtype, batch_size, seq_len,
-                               checkpointing, clip_grad_norm, attn, backend) for k in (1, 2))
-        measured = {c: round(small[0][c] + (big[0][c] - small[0][c]) * (layers - sample_layers) / sample_layers)
+        # Every category is affine in the layer count when every layer is alike and the peak stays at
+        # the same point of the step: measure two depths and extrapolate; a third depth (3N, when the
+        # model has that many layers) measures how far off the straight line is.
+        small, big = (_measure(_with_layers(config, k * sample_layers), *settings) for k in (1, 2))
+
+        def extrapolate(to: int) -> dict:
+            return {c: round(small[0][c] + (big[0][c] - small[0][c]) * (to - sample_layers) / sample_layers)
                     for c in small[0]}
+
+        measured = extrapolate(layers)
         gathered = big[1]
         n_params = small[2] + (big[2] - small[2]) * (layers - sample_layers) // sample_layers
-        notes.append(f"measured at {sample_layers} and {2 * sample_layers} layers, extrapolated per layer to {layers}")
+        check = 3 * sample_layers
+        if check <= layers:
+            actual = sum(_measure(_with_layers(config, check), *settings)[0].values())
+            extrapolation_error = sum(extrapolate(check).values()) / actual - 1
+            warning = (f"--sample-layers {sample_layers}: the peak is extrapolated from {sample_layers} and "
+                       f"{2 * sample_layers} layers to {layers}; checked at {check} layers it was off by "
+                       f"{100 * extrapolation_error:+.2f}% (run without --sample-layers for the exact figure)")
+        else:
+            warning = (f"--sample-layers {sample_layers}: the peak is extrapolated from {sample_layers} and "
+                       f"{2 * sample_layers} layers to {layers}, unchecked (the model has fewer than "
+                       f"{check} layers to check it at; run without --sample-layers for the exact figure)")
+        notes.append(warning)
+        warnings.warn(warning, PlanExtrapolationWarning, stacklevel=2)
     if world_size == 1:
         gathered = 0
     per_gpu = dict(measured)
@@ -231,10 +274,20 @@ def plan(model: str = "llama-7b", method: str = "lomo", dtype: str = "fp16", bat
         notes.append(f"ZeRO-3 over {world_size} ranks modelled arithmetically: {', '.join(sharded)} divided by "
                      f"{world_size}, plus one gathered layer")
     return PlanResult(model, method, dtype, batch_size, seq_len, checkpointing, world_size, clip_grad_norm, n_params,
-                      per_gpu, measured, gathered, gpu_gib, notes)
+                      per_gpu, measured, gathered, gpu_gib, notes, extrapolation_error)
 
 
 # --- command line ---------------------------------------------------------------------------------
+
+def _positive_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text}")
+    return value
+
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama-7b",
@@ -248,11 +301,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation checkpointing (default: on)")
     parser.add_argument("--world-size", type=int, default=1, help="ZeRO-3 data-parallel ranks (default 1: no ZeRO)")
     parser.add_argument("--clip-grad-norm", type=float, default=None, help="global-norm clipping threshold")
-    parser.add_argument("--gpu-gib", type=float, default=None, help="GPU memory (GiB) to check the plan against")
+    parser.add_argument("--gpu-gib", type=_positive_gib, default=None,
+                        help="GPU memory (GiB, > 0) to check the plan against; exit status 1 if a method does not fit")
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
     parser.add_argument("--sample-layers", type=int, default=None,
-                        help="measure at N and 2N layers and extrapolate to the model's depth (faster; default: "
-                             "run the full depth)")
+                        help="measure at N and 2N layers and extrapolate to the model's depth (faster; warns "
+                             "with the error measured at 3N layers; default: run the full depth)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
 
 
@@ -265,27 +319,47 @@ def format_table(results: list[PlanResult]) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    methods = METHODS if args.method == "all" else tuple(m.strip() for m in args.method.split(","))
+    """The ``plan`` command: a table (or JSON) on stdout, warnings on stderr; returns the exit status."""
+    skipped = []
+    if args.method == "all":
+        methods = METHODS
+        if not has_lomo_optim():  # `all` means every method this installation can run
+            methods = tuple(m for m in METHODS if m != "lomo-optim")
+            skipped.append(f"lomo-optim skipped: {LOMO_OPTIM_MISSING}")
+    else:
+        methods = tuple(m.strip() for m in args.method.split(","))
+    if args.gpu_gib is not None and not (math.isfinite(args.gpu_gib) and args.gpu_gib > 0):
+        print(f"error: --gpu-gib must be a positive number of GiB, got {args.gpu_gib}", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        results = [plan(args.model, m, args.dtype, args.batch_size, args.seq_len, args.checkpointing,
-                        args.world_size, args.clip_grad_norm, args.gpu_gib, args.attn,
-                        sample_layers=args.sample_layers) for m in methods]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PlanExtrapolationWarning)  # printed below, once
+            results = [plan(args.model, m, args.dtype, args.batch_size, args.seq_len, args.checkpointing,
+                            args.world_size, args.clip_grad_norm, args.gpu_gib, args.attn,
+                            sample_layers=args.sample_layers) for m in methods]
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    for note in skipped:
+        print(f"warning: {note}", file=sys.stderr)
+    for r in results:  # extrapolation warnings, with their measured error
+        for note in r.notes:
+            if note.startswith("--sample-layers"):
+                print(f"warning: {r.method}: {note}", file=sys.stderr)
+    fits = args.gpu_gib is None or all(r.fits for r in results)
     if args.json:
         print(json.dumps([asdict(r) | {"total_bytes": r.total_bytes} for r in results], indent=1))
-        return 0
-    print(f"Peak memory per GPU (GiB) of one training step, {args.model}, planned on fake tensors:")
-    print(format_table(results))
-    for note in dict.fromkeys(n for r in results for n in r.notes):
-        print(f"note: {note}")
-    if args.gpu_gib is not None and not all(r.fits for r in results):
-        return 1
-    return 0
+    else:
+        print(f"Peak memory per GPU (GiB) of one training step, {args.model}, planned on fake tensors:")
+        print(format_table(results))
+        for note in dict.fromkeys([*(n for r in results for n in r.notes if not n.startswith("--sample-layers")),
+                                   *skipped]):
+            print(f"note: {note}")
+    return EXIT_FITS if fits else EXIT_DOES_NOT_FIT
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lomo_kernels.memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lomo_kernels.memory", description=__doc__.splitlines()[0],
+                                     epilog=EXIT_STATUS)
     add_plan_arguments(parser)
     return run_plan(parser.parse_args(argv))

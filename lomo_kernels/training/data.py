@@ -58,20 +58,40 @@ def stdlib_source_files() -> list[Path]:
     return files
 
 
+def _unreadable(path, exc: OSError) -> UsageError:
+    """A data path the file system refuses: named as what it is (permission denied, not 'no files')."""
+    try:
+        what = "directory " if Path(path).is_dir() else "file "
+    except OSError:
+        what = "path "
+    if isinstance(exc, PermissionError):
+        return UsageError(f"data {what}{path}: permission denied (cannot read it as this user; check its "
+                          "permissions, e.g. ls -ld)")
+    return UsageError(f"data {what}{path}: cannot read it ({exc.strerror or exc})")
+
+
+def _raise_unreadable(exc: OSError):
+    raise _unreadable(exc.filename, exc)
+
+
 def _files_under(path: Path) -> list[Path]:
     files = []
-    for dirpath, dirnames, filenames in os.walk(path):
+    # onerror: os.walk skips a directory it cannot list unless told otherwise; an unreadable data
+    # directory is an error, not an empty one
+    for dirpath, dirnames, filenames in os.walk(path, onerror=_raise_unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
     return files
 
 
 def read_jsonl(path: Path) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             lines = list(enumerate(f, start=1))
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     for number, line in lines:
         if not line.strip():
             continue
@@ -102,6 +122,8 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                          "pass text or JSONL files") from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
 
 
 def read_documents(paths: list[str] | None) -> Iterator[Document]:
@@ -113,8 +135,12 @@ def read_documents(paths: list[str] | None) -> Iterator[Document]:
         return
     for raw in paths:
         path = Path(raw)
-        if not path.exists():
-            raise UsageError(f"data path {raw} does not exist")
+        try:
+            path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise UsageError(f"data path {raw} does not exist") from None
+        except OSError as exc:  # e.g. a parent directory without search permission
+            raise _unreadable(raw, exc) from None
         files = _files_under(path) if path.is_dir() else [path]
         if not files:
             raise UsageError(f"data directory {raw} holds no files")

@@ -34,6 +34,11 @@ class TrainingDiverged(Exception):
     """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
 
 
+def default_warmup(steps: int) -> int:
+    """Warm-up steps when --warmup-steps is not given: 10, but never more than a tenth of the run."""
+    return min(10, steps // 10)
+
+
 def lr_at(step: int, args) -> float:
     """Learning rate of 1-based ``step``: linear warmup over ``warmup_steps``, then the schedule."""
     s = step - 1
@@ -50,6 +55,8 @@ def lr_at(step: int, args) -> float:
 def check_options(args) -> None:
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
+    if args.warmup_steps is None and isinstance(args.steps, int) and args.steps > 0:
+        args.warmup_steps = default_warmup(args.steps)
     positive = [("steps", args.steps), ("batch_size", args.batch_size), ("seq_len", args.seq_len),
                 ("lr", args.lr), ("max_eval_sequences", args.max_eval_sequences), ("keep_checkpoints", args.keep_checkpoints)]
     for name, value in positive:
