@@ -351,6 +351,23 @@ def test_dense_update_tiny_and_special_values_match_reference(p_dtype, rounding)
     assert_same_bits(got, ref)
 
 
+@pytest.mark.parametrize("p_dtype", LOW)
+def test_stochastic_rounding_of_every_fp32_range_matches_reference_bits(p_dtype):
+    """The kernels' rounding (integer / power-of-two form, no division) equals the reference's on random
+    fp32 bit patterns of every exponent (subnormals, inf, NaN included) and on the edges of the format:
+    with p = 0 and lr = 1 the dense update rounds exactly -g."""
+    bits = torch.randint(-2 ** 31, 2 ** 31, (12000,), dtype=torch.int64).to(torch.int32)
+    info = torch.finfo(p_dtype)
+    edges = torch.tensor([info.max, info.tiny, info.tiny * info.eps, info.tiny * info.eps / 2, 65504.0, 65519.0,
+                          65520.0, 65536.0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14 * (1 - 2.0 ** -11),
+                          3.3895e38, 3.3961e38, 3.4e38, 2.0 ** -133, 2.0 ** -126, 1e-45])
+    edges = torch.cat([edges, edges.nextafter(torch.tensor(0.0)), edges.nextafter(torch.tensor(float("inf")))])
+    g = torch.cat([bits.view(torch.float32), edges, -edges]).repeat(2).to(DEVICE)
+    p = torch.zeros(g.numel(), dtype=p_dtype, device=DEVICE)
+    got, ref = both_backends(lk.dense_update_, p, g, lr=1.0, rounding="stochastic", seed=2024)
+    assert_same_bits(got, ref)
+
+
 @pytest.mark.parametrize("g_dtype", [torch.float32, torch.float16])
 def test_dense_grad_sqnorm(g_dtype):
     p = torch.empty(2500, device=DEVICE)
@@ -402,7 +419,8 @@ _GPU_BUILD_CHECK = textwrap.dedent('''
                                   options=dict(options, **tu._NO_FMA))
         text = compiled.asm["ptx"]
         return {"mma": "mma.sync" in text or "wgmma" in text, "wgmma": "wgmma" in text,
-                "div_rn": "div.rn.f32" in text, "fma": "fma.rn.f32" in text}
+                "div": any(f"div.{kind}.f32" in text for kind in ("rn", "approx", "full")),
+                "fma": "fma.rn.f32" in text}
 
     def linear(arch, w, x, norm_only, stochastic):
         cfg = tu._gemm_config(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[x]))
@@ -427,7 +445,7 @@ _GPU_BUILD_CHECK = textwrap.dedent('''
 ''')
 
 
-def test_kernels_compile_for_sm80_sm90_with_tensor_cores_exact_division_no_fma():
+def test_kernels_compile_for_sm80_sm90_with_tensor_cores_no_division_no_fma():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _GPU_BUILD_CHECK], env=env, capture_output=True, text=True,
                          timeout=300)
@@ -437,7 +455,9 @@ def test_kernels_compile_for_sm80_sm90_with_tensor_cores_exact_division_no_fma()
         sixteen_bit_operands = "-bf16-bf16-" in name or "-fp16-fp16-" in name or name.endswith("-norm")
         if name.startswith("linear"):
             assert uses["mma"] == sixteen_bit_operands, name  # fp32 operands: exact "ieee" FMA dot, no tf32
-        assert uses["div_rn"] == name.endswith("stochastic"), name
+        # Stochastic rounding's probability is a product by a power of two (exact); no fp32 division at all,
+        # so none can be an approximate one.
+        assert not uses["div"], name
         if sixteen_bit_operands or not name.startswith("linear"):
             # The epilogue rounds w*decay and step*u separately, as the reference (fp32 dots use FMA).
             assert not uses["fma"], name

@@ -86,24 +86,39 @@ def _round_nearest(v, DTYPE: tl.constexpr):
 
 @triton.jit
 def _round_stochastic(v, flat_index, seed_mix, DTYPE: tl.constexpr):
-    """fp32 ``v`` rounded to bf16/fp16 ``DTYPE`` exactly as ``_common.round_stochastic``."""
-    near = _round_nearest(v, DTYPE)
-    mag = tl.abs(v)
-    near_mag = tl.abs(_widen(near))
-    bits = near.to(tl.int16, bitcast=True).to(tl.int32)
-    # In sign-magnitude formats, bits+1 / bits-1 step the magnitude up / down.
-    lo_bits = tl.where(near_mag > mag, bits - 1, bits)
-    lo = lo_bits.to(tl.int16).to(DTYPE, bitcast=True)
-    hi = (lo_bits + 1).to(tl.int16).to(DTYPE, bitcast=True)
-    lo_mag = tl.abs(_widen(lo))
-    hi_mag = tl.abs(_widen(hi))
-    # div_rn: `/` on fp32 is an approximate division on the GPU; the reference divides exactly.
-    p = tl.math.div_rn(mag - lo_mag, hi_mag - lo_mag)
-    r = _mix32((flat_index ^ seed_mix).to(tl.uint32))
-    uniform = (r >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
-    rounded = tl.where(uniform < p, hi, lo)
-    keep_nearest = (near_mag == mag) | ~_is_finite(v) | ~_is_finite(hi_mag)
-    return tl.where(keep_nearest, near, rounded)
+    """fp32 ``v`` rounded to bf16/fp16 ``DTYPE`` exactly as ``_common.round_stochastic``.
+
+    Written for few live registers, with the same result bit for bit: the neighbours ``lo <= |v| < hi``
+    are adjacent 16-bit floats, so ``hi - lo`` is a power of two (the ulp at ``lo``) and the reference's
+    exact division ``p = (|v| - lo) / (hi - lo)`` is exact, equal to ``(|v| - lo) * (1/ulp)``. For bf16,
+    ``lo`` is ``|v|`` truncated to its top 16 bits, so ``p`` is its low 16 bits times 2**-16 and
+    ``uniform < p`` is an integer comparison. Non-finite values, and those whose ``hi`` would be
+    infinite, take the nearest rounding, as in the reference.
+    """
+    r = _mix32(flat_index.to(tl.uint32) ^ seed_mix.to(tl.uint32)) >> 8  # the uniform is r * 2**-24
+    bits = v.to(tl.uint32, bitcast=True)
+    sign = (bits >> 16) & 0x8000
+    if DTYPE == tl.bfloat16:
+        mag_bits = bits & 0x7FFFFFFF
+        # uniform < low16 * 2**-16  <=>  r < low16 * 2**8 (both sides exact integers)
+        up = (r < ((mag_bits & 0xFFFF) << 8)).to(tl.uint32)
+        rounded = sign | ((mag_bits >> 16) + up)
+        nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        nearest = tl.where(v != v, 0x7FC0, nearest)
+        # mag_bits >= 0x7F7F0000: lo is the largest finite bf16 (hi = inf), or v is inf / NaN
+        out = tl.where(mag_bits >= 0x7F7F0000, nearest, rounded)
+        return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        near = v.to(tl.float16)
+        near_bits = near.to(tl.uint16, bitcast=True).to(tl.uint32) & 0x7FFF
+        mag = tl.abs(v)
+        lo_bits = tl.where(tl.abs(near.to(tl.float32)) > mag, near_bits - 1, near_bits)
+        lo_mag = lo_bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        # 1/ulp at lo as fp32 bits: 2**(25 - E) for a normal lo of biased exponent E, 2**24 for a subnormal one
+        inv_ulp = ((152 - tl.maximum(lo_bits >> 10, 1)) << 23).to(tl.float32, bitcast=True)
+        up = (r.to(tl.float32) * 5.9604644775390625e-08 < (mag - lo_mag) * inv_ulp).to(tl.uint32)
+        rounded = (sign | (lo_bits + up)).to(tl.uint16).to(tl.float16, bitcast=True)
+        return tl.where(~_is_finite(v) | (lo_bits >= 0x7BFF), near, rounded)
 
 
 @triton.jit
@@ -141,27 +156,38 @@ def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, tokens, out_features, in_fea
                    NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
                    BLOCK_T: tl.constexpr):
-    """One [BLOCK_OUT, BLOCK_IN] tile of ``G = dyᵀx`` per program, finished by ``_finish_tile``."""
-    rows = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-    cols = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)
-    row_ok = rows < out_features
-    col_ok = cols < in_features
+    """One [BLOCK_OUT, BLOCK_IN] tile of ``G = dyᵀx`` per program, finished by ``_finish_tile``.
+
+    Register budget: every address is a scalar 64-bit base plus 32-bit in-tile offsets (a tensor of
+    64-bit pointers or flat indices costs two registers per element and made the 16-bit epilogues
+    spill), and the stochastic-rounding index is the flat index's low 32 bits, all the hash uses.
+    """
+    m0 = tl.program_id(0) * BLOCK_OUT
+    n0 = tl.program_id(1) * BLOCK_IN
+    r = tl.arange(0, BLOCK_OUT)
+    c = tl.arange(0, BLOCK_IN)
+    row_ok = r < out_features - m0
+    col_ok = c < in_features - n0
+    dy_tile = dy_ptr + m0.to(tl.int64) * stride_dy_out + r[None, :] * stride_dy_out
+    x_tile = x_ptr + n0.to(tl.int64) * stride_x_in + c[None, :] * stride_x_in
     acc = tl.zeros((BLOCK_OUT, BLOCK_IN), dtype=tl.float32)
     for t0 in range(0, tokens, BLOCK_T):
-        tok = t0 + tl.arange(0, BLOCK_T)
-        tok_ok = tok < tokens
-        tok64 = tok.to(tl.int64)
-        dy = tl.load(dy_ptr + tok64[:, None] * stride_dy_tok + rows[None, :] * stride_dy_out,
+        tok = tl.arange(0, BLOCK_T)
+        tok_ok = tok < tokens - t0
+        t_off = tl.cast(t0, tl.int64)
+        dy = tl.load(dy_tile + t_off * stride_dy_tok + tok[:, None] * stride_dy_tok,
                      mask=tok_ok[:, None] & row_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + tok64[:, None] * stride_x_tok + cols[None, :] * stride_x_in,
+        x = tl.load(x_tile + t_off * stride_x_tok + tok[:, None] * stride_x_tok,
                     mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
         if DOT_IN_FP32:
             dy = _widen(dy)
             x = _widen(x)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
-    rows64 = rows.to(tl.int64)
-    _finish_tile(acc, w_ptr + rows64[:, None] * stride_w_out + cols[None, :] * stride_w_in,
-                 rows64[:, None] * in_features + cols[None, :], row_ok[:, None] & col_ok[None, :], stats_ptr,
+    w_tile = w_ptr + (m0.to(tl.int64) * stride_w_out + n0.to(tl.int64) * stride_w_in)
+    flat_base = m0.to(tl.uint32) * in_features.to(tl.uint32) + n0.to(tl.uint32)
+    flat_index = flat_base + (r[:, None].to(tl.uint32) * in_features.to(tl.uint32) + c[None, :].to(tl.uint32))
+    _finish_tile(acc, w_tile + (r[:, None] * stride_w_out + c[None, :] * stride_w_in),
+                 flat_index, row_ok[:, None] & col_ok[None, :], stats_ptr,
                  decay, step, inv_loss_scale, clip_value, seed_mix, NORM_ONLY, STOCHASTIC)
 
 
@@ -215,7 +241,9 @@ def _gemm_config(operand_dtype: torch.dtype) -> dict:
         return dict(BLOCK_OUT=32, BLOCK_IN=32, BLOCK_T=16)
     if operand_dtype == torch.float32:
         return dict(BLOCK_OUT=64, BLOCK_IN=64, BLOCK_T=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_OUT=128, BLOCK_IN=128, BLOCK_T=32, num_warps=8, num_stages=3)
+    # 128x64 rather than 128x128: with 8 warps a 128x128 fp32 accumulator is 64 registers per thread, and
+    # the bf16/fp16 epilogues then spilled on sm_86 and sm_90 (tests/test_triton_spills.py checks this).
+    return dict(BLOCK_OUT=128, BLOCK_IN=64, BLOCK_T=64, num_warps=8, num_stages=3)
 
 
 _DENSE_BLOCK = 1024
