@@ -5,7 +5,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "aten_glue.h"
 
@@ -17,6 +26,8 @@ namespace {
 constexpr int64_t kBlockElements = int64_t{1} << 18;
 // Below this many elements a loop is not worth waking the OpenMP team.
 constexpr int64_t kParallelGrain = int64_t{1} << 14;
+// Elements per task of the parallel epilogue loops.
+constexpr int64_t kChunk = int64_t{1} << 12;
 
 int64_t rows_per_block(int64_t cols) { return std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1)); }
 
@@ -25,19 +36,320 @@ T* typed(const at::Tensor& t) {
   return static_cast<T*>(t.data_ptr());
 }
 
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+// ---- AVX-512 epilogues ----------------------------------------------------------------------------
+//
+// The same per-element math as lomo_math.h, 16 lanes at a time: every operation is the IEEE single
+// operation the scalar code does (mul, sub, div, compares, integer bit manipulation), so the results
+// are bit-identical to the scalar path (and hence to the torch reference). Compiled for AVX-512F
+// through a function attribute and used only when the CPU has it (and LOMO_CPU_SIMD is not "0").
+
+bool simd_enabled() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool cpu_has = __builtin_cpu_supports("avx512f");
+  return cpu_has && !env_is("LOMO_CPU_SIMD", "0");
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LOMO_HAVE_AVX512_PATH 1
+// GCC 12 reports the _mm512_undefined_* temporaries inside its own unmasked intrinsics as
+// uninitialized once they are inlined; they are not.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#define LOMO_AVX512 __attribute__((target("avx512f")))
+
+LOMO_AVX512 inline __m512i v_u32(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+
+// 16 bf16 values held in the low half of 32-bit lanes -> fp32 (upper lane bits ignored).
+LOMO_AVX512 inline __m512 v_bf16_to_f32(__m512i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)); }
+
+LOMO_AVX512 inline __m512 v_abs(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), v_u32(0x7fffffffu)));
+}
+
+LOMO_AVX512 inline __mmask16 v_is_finite(__m512 v) {
+  const __m512i e = _mm512_and_si512(_mm512_castps_si512(v), v_u32(0x7f800000u));
+  return _mm512_cmpneq_epi32_mask(e, v_u32(0x7f800000u));
+}
+
+// updated_value(): clamp_nan(g*inv_loss_scale, ±clip) then w*decay - step*u, each rounded on its own.
+LOMO_AVX512 inline __m512 v_updated_value(__m512 w, __m512 g, const Rule& rule) {
+  const __m512 u0 = _mm512_mul_ps(g, _mm512_set1_ps(rule.inv_loss_scale));
+  const __m512 bound = _mm512_set1_ps(rule.clip_value), neg_bound = _mm512_set1_ps(-rule.clip_value);
+  // lower = u < -bound ? -bound : u;  u = bound < lower ? bound : lower  (NaN fails both tests)
+  const __m512 lower = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u0, neg_bound, _CMP_LT_OQ), u0, neg_bound);
+  const __m512 u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(bound, lower, _CMP_LT_OQ), lower, bound);
+  return _mm512_sub_ps(_mm512_mul_ps(w, _mm512_set1_ps(rule.decay)), _mm512_mul_ps(_mm512_set1_ps(rule.step), u));
+}
+
+// bf16_nearest(), the result in the low half of each 32-bit lane.
+LOMO_AVX512 inline __m512i v_bf16_nearest(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, v_u32(0x7fffffffu)), v_u32(0x7f800000u));
+  const __m512i bias = _mm512_add_epi32(v_u32(0x7fffu), _mm512_and_si512(_mm512_srli_epi32(u, 16), v_u32(1u)));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  return _mm512_mask_mov_epi32(rounded, nan, v_u32(0x7fc0u));
+}
+
+LOMO_AVX512 inline __m512i v_mix32(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, v_u32(0x7feb352du));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, v_u32(0x846ca68bu));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// uniform_from_index() for flat indices first, first+1, ..., first+15 (mod 2**32).
+LOMO_AVX512 inline __m512 v_uniform(uint64_t first, uint32_t seed_hash) {
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i index = _mm512_add_epi32(v_u32(static_cast<uint32_t>(first)), lanes);
+  const __m512i r = v_mix32(_mm512_xor_si512(index, v_u32(seed_hash)));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 8)), _mm512_set1_ps(5.9604644775390625e-08f));
+}
+
+// round_stochastic<bf16>().
+LOMO_AVX512 inline __m512i v_bf16_stochastic(__m512 v, __m512 uniform) {
+  const __m512i near = v_bf16_nearest(v);
+  const __m512 mag = v_abs(v), near_mag = v_abs(v_bf16_to_f32(near));
+  __mmask16 keep_near = _mm512_cmp_ps_mask(near_mag, mag, _CMP_EQ_OQ) | static_cast<__mmask16>(~v_is_finite(v));
+  const __mmask16 above = _mm512_cmp_ps_mask(near_mag, mag, _CMP_GT_OQ);
+  const __m512i lo = _mm512_mask_sub_epi32(near, above, near, v_u32(1u));
+  const __m512i hi = _mm512_add_epi32(lo, v_u32(1u));
+  const __m512 lo_mag = v_abs(v_bf16_to_f32(lo)), hi_mag = v_abs(v_bf16_to_f32(hi));
+  keep_near |= static_cast<__mmask16>(~v_is_finite(hi_mag));
+  const __m512 p = _mm512_div_ps(_mm512_sub_ps(mag, lo_mag), _mm512_sub_ps(hi_mag, lo_mag));
+  const __m512i rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(uniform, p, _CMP_LT_OQ), lo, hi);
+  return _mm512_mask_blend_epi32(keep_near, rounded, near);
+}
+
+// w[i] <- rule(w[i], g[i]) for i < count, W float or bf16, g fp32.
+template <class W>
+LOMO_AVX512 void update_span_avx512(W* w, const float* g, int64_t count, int64_t flat0, const Rule& rule) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + i);
+    if constexpr (std::is_same_v<W, float>) {
+      _mm512_storeu_ps(w + i, v_updated_value(_mm512_loadu_ps(w + i), gv, rule));
+    } else {
+      const __m512i wbits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
+      const __m512 v = v_updated_value(v_bf16_to_f32(wbits), gv, rule);
+      const __m512i out = rule.stochastic
+                              ? v_bf16_stochastic(v, v_uniform(static_cast<uint64_t>(flat0 + i), rule.seed_hash))
+                              : v_bf16_nearest(v);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm512_cvtepi32_epi16(out));
+    }
+  }
+  for (; i < count; ++i) update_element(w + i, g[i], static_cast<uint64_t>(flat0 + i), rule);
+}
+
+// Lanes 0-7 / 8-15 of v widened to double (masked forms: no undefined-register temporaries).
+LOMO_AVX512 inline __m512d v_low_pd(__m512 v) { return _mm512_maskz_cvtps_pd(0xff, _mm512_castps512_ps256(v)); }
+LOMO_AVX512 inline __m512d v_high_pd(__m512 v) {
+  return _mm512_maskz_cvtps_pd(0xff, _mm512_castps512_ps256(_mm512_maskz_shuffle_f32x4(0xffff, v, v, 0xee)));
+}
+
+LOMO_AVX512 inline double v_sum_pd(__m512d v) {
+  double lanes[8];
+  _mm512_storeu_pd(lanes, v);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+LOMO_AVX512 void norm_sums_avx512(const float* g, int64_t count, float inv_loss_scale, double* square,
+                                  int64_t* nonfinite) {
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  int64_t bad = 0;
+  const __m512 inv = _mm512_set1_ps(inv_loss_scale);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m512 u = _mm512_mul_ps(_mm512_loadu_ps(g + i), inv);
+    const __m512 sq = _mm512_mul_ps(u, u);
+    acc0 = _mm512_add_pd(acc0, v_low_pd(sq));
+    acc1 = _mm512_add_pd(acc1, v_high_pd(sq));
+    bad += __builtin_popcount(static_cast<unsigned>(static_cast<__mmask16>(~v_is_finite(u))));
+  }
+  double s = v_sum_pd(_mm512_add_pd(acc0, acc1));
+  for (; i < count; ++i) {
+    const NormTerm term = norm_term(g[i], inv_loss_scale);
+    s += term.square;
+    bad += term.nonfinite;
+  }
+  *square = s;
+  *nonfinite = bad;
+}
+
+// Σ_s<n a[s]*b[s], products rounded to fp32, summed in double.
+LOMO_AVX512 double dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i));
+    acc0 = _mm512_add_pd(acc0, v_low_pd(p));
+    acc1 = _mm512_add_pd(acc1, v_high_pd(p));
+  }
+  double s = v_sum_pd(_mm512_add_pd(acc0, acc1));
+  for (; i < n; ++i) s += static_cast<double>(a[i] * b[i]);
+  return s;
+}
+#pragma GCC diagnostic pop
+#endif  // x86-64
+
+double dot_f32(const float* a, const float* b, int64_t n) {
+#ifdef LOMO_HAVE_AVX512_PATH
+  if (simd_enabled()) return dot_avx512(a, b, n);
+#endif
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i] * b[i]);
+  return s;
+}
+
+// ---- block GEMMs from the activations' own dtype ------------------------------------------------
+//
+// fp32 activations: ATen's GEMM on views. bf16/fp16 activations: MKL's cblas_gemm_bf16bf16f32 /
+// cblas_gemm_f16f16f32 (16-bit operands, fp32 accumulation and output; the MKL inside torch's x86
+// builds exports them) when present and self-tested; otherwise ("convert") each block converts the
+// token chunks it needs to fp32 scratch and runs an fp32 GEMM. Neither path makes an fp32 copy of
+// the whole activations. LOMO_CPU_LOWP_GEMM=mkl|convert forces one (for tests and benchmarks).
+
+}  // namespace
+}  // namespace lomo
+
+extern "C" {
+// MKL's CBLAS (row-major 101, no-transpose 111, transpose 112; LP64 ints), weak: absent -> nullptr.
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                          int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+
+namespace lomo {
+namespace {
+
+using LowpGemmFn = void (*)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                            float*, int);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// Checks a 16-bit GEMM on a small exactly representable product: a wrong calling convention or
+// integer width gives a wrong answer (or none) here rather than wrong updates later.
+bool lowp_gemm_works(LowpGemmFn fn, bool is_bf16) {
+  if (fn == nullptr) return false;
+  constexpr int T = 5, M = 3, N = 4;
+  uint16_t a[T * M], b[T * N];
+  float va[T * M], vb[T * N], c[M * N], want[M * N];
+  for (int i = 0; i < T * M; ++i) va[i] = static_cast<float>((i * 7) % 5) - 2.0f;
+  for (int i = 0; i < T * N; ++i) vb[i] = static_cast<float>((i * 3) % 7) - 3.0f;
+  for (int i = 0; i < T * M; ++i) a[i] = is_bf16 ? bf16_nearest(va[i]).bits : fp16_nearest(va[i]).bits;
+  for (int i = 0; i < T * N; ++i) b[i] = is_bf16 ? bf16_nearest(vb[i]).bits : fp16_nearest(vb[i]).bits;
+  for (int m = 0; m < M; ++m) {
+    for (int n = 0; n < N; ++n) {
+      float s = 0.0f;
+      for (int t = 0; t < T; ++t) s += va[t * M + m] * vb[t * N + n];
+      want[m * N + n] = s;
+      c[m * N + n] = -1.0f;
+    }
+  }
+  // c = aᵀ b with a [T, M] (lda M), b [T, N] (ldb N): the shape of a weight-gradient block.
+  fn(kRowMajor, kTrans, kNoTrans, M, N, T, 1.0f, a, M, b, N, 0.0f, c, N);
+  return std::equal(c, c + M * N, want);
+}
+
+LowpGemmFn mkl_gemm(DType dtype) {
+  static const LowpGemmFn bf16_fn =
+      lowp_gemm_works(cblas_gemm_bf16bf16f32, true) ? LowpGemmFn{cblas_gemm_bf16bf16f32} : nullptr;
+  static const LowpGemmFn f16_fn =
+      lowp_gemm_works(cblas_gemm_f16f16f32, false) ? LowpGemmFn{cblas_gemm_f16f16f32} : nullptr;
+  return dtype == DType::bf16 ? bf16_fn : dtype == DType::f16 ? f16_fn : nullptr;
+}
+
+bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
+
+// The GEMM for 16-bit operands of `dtype`, or nullptr for the convert path.
+LowpGemmFn lowp_gemm_for(DType dtype, std::initializer_list<int64_t> dims) {
+  if (dtype == DType::f32 || env_is("LOMO_CPU_LOWP_GEMM", "convert")) return nullptr;
+  const LowpGemmFn fn = mkl_gemm(dtype);
+  TORCH_CHECK(fn != nullptr || !env_is("LOMO_CPU_LOWP_GEMM", "mkl"),
+              "lomo_kernels: LOMO_CPU_LOWP_GEMM=mkl but this torch's MKL has no working 16-bit GEMM");
+  for (int64_t d : dims) {
+    if (!fits_int(d)) return nullptr;
+  }
+  return fn;
+}
+
+const uint16_t* bits_of(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
+
+// G = grad_outᵀ x in row blocks: compute(r0, rows, g) writes rows r0.. of G (fp32, `rows` x in,
+// row-major) into g. x [T, in] and grad_out [T, out] are contiguous and of one dtype.
+class GradientBlocks {
+ public:
+  GradientBlocks(const at::Tensor& x, const at::Tensor& grad_out)
+      : x_(x), dy_(grad_out), tokens_(x.size(0)), in_(x.size(1)), out_(grad_out.size(1)), dtype_(dtype_of(x)) {
+    TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(), "lomo_kernels: x and grad_out must have one dtype");
+    gemm_ = lowp_gemm_for(dtype_, {tokens_, in_, out_});
+    if (dtype_ != DType::f32 && gemm_ == nullptr) {
+      // convert path: token chunks of both operands in fp32 scratch, at most one block together
+      chunk_tokens_ = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(in_ + block_rows(), 1));
+      x_chunk_ = at::empty({std::min(chunk_tokens_, tokens_), in_}, x.options().dtype(at::kFloat));
+      dy_chunk_ = at::empty({std::min(chunk_tokens_, tokens_), block_rows()}, x.options().dtype(at::kFloat));
+    }
+  }
+
+  int64_t block_rows() const { return std::min(rows_per_block(in_), std::max<int64_t>(out_, 1)); }
+  int64_t out_features() const { return out_; }
+  int64_t in_features() const { return in_; }
+
+  void compute(int64_t r0, int64_t rows, at::Tensor g) {
+    float* c = g.data_ptr<float>();
+    if (tokens_ == 0) {
+      std::fill(c, c + rows * in_, 0.0f);
+    } else if (dtype_ == DType::f32) {
+      at::mm_out(g, dy_.narrow(1, r0, rows).t(), x_);
+    } else if (gemm_ != nullptr) {
+      gemm_(kRowMajor, kTrans, kNoTrans, static_cast<int>(rows), static_cast<int>(in_), static_cast<int>(tokens_),
+            1.0f, bits_of(dy_) + r0, static_cast<int>(out_), bits_of(x_), static_cast<int>(in_), 0.0f, c,
+            static_cast<int>(in_));
+    } else {
+      for (int64_t t0 = 0; t0 < tokens_; t0 += chunk_tokens_) {
+        const int64_t n = std::min(chunk_tokens_, tokens_ - t0);
+        at::Tensor xc = x_chunk_.narrow(0, 0, n), dyc = dy_chunk_.narrow(0, 0, n).narrow(1, 0, rows);
+        xc.copy_(x_.narrow(0, t0, n));
+        dyc.copy_(dy_.narrow(0, t0, n).narrow(1, r0, rows));
+        if (t0 == 0) {
+          at::mm_out(g, dyc.t(), xc);
+        } else {
+          g.addmm_(dyc.t(), xc);
+        }
+      }
+    }
+  }
+
+ private:
+  at::Tensor x_, dy_;
+  int64_t tokens_, in_, out_;
+  DType dtype_;
+  LowpGemmFn gemm_ = nullptr;
+  int64_t chunk_tokens_ = 0;
+  at::Tensor x_chunk_, dy_chunk_;
+};
+
 // Calls fn(first_row, rows, g) for each row block of G = grad_outᵀ x (fp32, `rows` x in_features,
 // row-major); one block buffer serves every block.
 template <class Fn>
 void for_each_gradient_block(const at::Tensor& x, const at::Tensor& grad_out, Fn&& fn) {
-  const at::Tensor x32 = x.to(at::kFloat);
-  const at::Tensor dy32 = grad_out.to(at::kFloat);
-  const int64_t out_features = dy32.size(1), in_features = x32.size(1);
-  const int64_t block_rows = std::min(rows_per_block(in_features), out_features);
-  at::Tensor buffer = at::empty({block_rows, in_features}, x32.options());
+  GradientBlocks blocks(x, grad_out);
+  const int64_t out_features = blocks.out_features(), in_features = blocks.in_features();
+  const int64_t block_rows = blocks.block_rows();
+  at::Tensor buffer = at::empty({block_rows, in_features}, x.options().dtype(at::kFloat));
   for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
     const int64_t rows = std::min(block_rows, out_features - r0);
     at::Tensor g = buffer.narrow(0, 0, rows);
-    at::mm_out(g, dy32.narrow(1, r0, rows).t(), x32);
+    blocks.compute(r0, rows, g);
     fn(r0, rows, g.data_ptr<float>());
   }
 }
@@ -45,10 +357,25 @@ void for_each_gradient_block(const at::Tensor& x, const at::Tensor& grad_out, Fn
 // w[i] <- rule(w[i], g[i]) for i < count; w[0] has flat index flat0 in the whole weight.
 template <class W, class G>
 void update_span(W* w, const G* g, int64_t count, int64_t flat0, const Rule& rule) {
+  constexpr bool vectorizable = std::is_same_v<G, float> && !std::is_same_v<W, fp16>;
+  const bool simd = vectorizable && simd_enabled();
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) if (count > kParallelGrain)
-  for (int64_t i = 0; i < count; ++i) {
-    update_element(w + i, to_float(g[i]), static_cast<uint64_t>(flat0 + i), rule);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t begin = c * kChunk, n = std::min(kChunk, count - begin);
+#ifdef LOMO_HAVE_AVX512_PATH
+    if constexpr (vectorizable) {
+      if (simd) {
+        update_span_avx512(w + begin, g + begin, n, flat0 + begin, rule);
+        continue;
+      }
+    }
+#endif
+    for (int64_t i = begin; i < begin + n; ++i) {
+      update_element(w + i, to_float(g[i]), static_cast<uint64_t>(flat0 + i), rule);
+    }
   }
+  (void)simd;
 }
 
 struct NormSums {
@@ -58,14 +385,32 @@ struct NormSums {
 
 template <class G>
 NormSums norm_sums(const G* g, int64_t count, float inv_loss_scale) {
+  const bool simd = std::is_same_v<G, float> && simd_enabled();
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
   double square = 0.0;
   int64_t nonfinite = 0;
 #pragma omp parallel for schedule(static) reduction(+ : square, nonfinite) if (count > kParallelGrain)
-  for (int64_t i = 0; i < count; ++i) {
-    const NormTerm term = norm_term(to_float(g[i]), inv_loss_scale);
-    square += term.square;
-    nonfinite += term.nonfinite;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t begin = c * kChunk, n = std::min(kChunk, count - begin);
+#ifdef LOMO_HAVE_AVX512_PATH
+    if constexpr (std::is_same_v<G, float>) {
+      if (simd) {
+        double s;
+        int64_t bad;
+        norm_sums_avx512(g + begin, n, inv_loss_scale, &s, &bad);
+        square += s;
+        nonfinite += bad;
+        continue;
+      }
+    }
+#endif
+    for (int64_t i = begin; i < begin + n; ++i) {
+      const NormTerm term = norm_term(to_float(g[i]), inv_loss_scale);
+      square += term.square;
+      nonfinite += term.nonfinite;
+    }
   }
+  (void)simd;
   return NormSums{square, nonfinite};
 }
 
@@ -126,6 +471,74 @@ void linear_grad_sqnorm(const at::Tensor& stats, const at::Tensor& x, const at::
     total.nonfinite += block.nonfinite;
   });
   add_to_stats(stats, total);
+}
+
+// Row blocks of the token Gram matrix A Aᵀ (A [T, k] contiguous, one of the activations), fp32:
+// compute(r0, rows, cols, out) writes (A Aᵀ)[r0:r0+rows, 0:cols] into out ([rows, cols], contiguous).
+// 16-bit operands go through the 16-bit GEMM; without one, A is converted to fp32 once (the ghost
+// method is chosen only for token counts where A is smaller than the weight).
+class GramBlocks {
+ public:
+  explicit GramBlocks(const at::Tensor& a) : a_(a), tokens_(a.size(0)), k_(a.size(1)), dtype_(dtype_of(a)) {
+    gemm_ = lowp_gemm_for(dtype_, {tokens_, k_});
+    if (dtype_ != DType::f32 && gemm_ == nullptr) a_ = a.to(at::kFloat);
+  }
+
+  void compute(int64_t r0, int64_t rows, int64_t cols, at::Tensor out) const {
+    if (k_ == 0) {
+      out.zero_();
+    } else if (gemm_ != nullptr) {
+      gemm_(kRowMajor, kNoTrans, kTrans, static_cast<int>(rows), static_cast<int>(cols), static_cast<int>(k_), 1.0f,
+            bits_of(a_) + r0 * k_, static_cast<int>(k_), bits_of(a_), static_cast<int>(k_), 0.0f,
+            out.data_ptr<float>(), static_cast<int>(cols));
+    } else {
+      at::mm_out(out, a_.narrow(0, r0, rows), a_.narrow(0, 0, cols).t());
+    }
+  }
+
+ private:
+  at::Tensor a_;
+  int64_t tokens_, k_;
+  DType dtype_;
+  LowpGemmFn gemm_ = nullptr;
+};
+
+// ‖dyᵀx‖² = ⟨x xᵀ, dy dyᵀ⟩ (the ghost norm), from the lower triangle of both symmetric T x T Gram
+// matrices only (half the multiply-adds of the full products), in blocks of token rows. A non-finite
+// entry makes the sum non-finite: it is counted once (as the torch reference's ghost pass).
+void linear_grad_sqnorm_ghost(const at::Tensor& stats, const at::Tensor& x, const at::Tensor& grad_out,
+                              double inv_loss_scale, int64_t /*stream*/) {
+  check_stats(stats, "linear_grad_sqnorm_ghost");
+  check_activations(x, grad_out, grad_out.size(1), x.size(1), "linear_grad_sqnorm_ghost");
+  TORCH_CHECK(x.is_contiguous() && grad_out.is_contiguous() && x.scalar_type() == grad_out.scalar_type(),
+              "lomo_kernels_C::linear_grad_sqnorm_ghost: x and grad_out must be contiguous, of one dtype");
+  const int64_t tokens = x.size(0);
+  if (tokens == 0) return;
+  const GramBlocks gx(x), gdy(grad_out);
+  const int64_t block = std::max<int64_t>(1, std::min(tokens, kBlockElements / tokens));
+  at::Tensor px = at::empty({block * tokens}, x.options().dtype(at::kFloat));
+  at::Tensor pdy = at::empty({block * tokens}, x.options().dtype(at::kFloat));
+  double total = 0.0;
+  for (int64_t t0 = 0; t0 < tokens; t0 += block) {
+    const int64_t rows = std::min(block, tokens - t0), cols = t0 + rows;
+    at::Tensor a = px.narrow(0, 0, rows * cols).view({rows, cols});
+    at::Tensor b = pdy.narrow(0, 0, rows * cols).view({rows, cols});
+    gx.compute(t0, rows, cols, a);
+    gdy.compute(t0, rows, cols, b);
+    const float* pa = a.data_ptr<float>();
+    const float* pb = b.data_ptr<float>();
+    double sum = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : sum) if (rows * cols > kParallelGrain)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = t0 + r;  // entries s < t count twice (the upper triangle), s == t once
+      const float* ra = pa + r * cols;
+      const float* rb = pb + r * cols;
+      sum += 2.0 * dot_f32(ra, rb, t) + static_cast<double>(ra[t] * rb[t]);
+    }
+    total += sum;
+  }
+  total *= inv_loss_scale * inv_loss_scale;
+  add_to_stats(stats, NormSums{total, std::isfinite(total) ? 0 : 1});
 }
 
 // Calls fn(k, row, g) for each group k of the batch (its row, padding row excluded), g the row's fp32
@@ -237,9 +650,17 @@ void dense_grad_sqnorm(const at::Tensor& stats, const at::Tensor& grad, double i
 }  // namespace
 }  // namespace lomo
 
+// Ops only the CPU backend has (the shared schemas are in ops_schema.cpp).
+TORCH_LIBRARY_FRAGMENT(lomo_kernels_C, m) {
+  m.def(
+      "linear_grad_sqnorm_ghost(Tensor(a!) stats, Tensor x, Tensor grad_out, float inv_loss_scale, int stream) -> "
+      "()");
+}
+
 TORCH_LIBRARY_IMPL(lomo_kernels_C, CPU, m) {
   m.impl("linear_update", &lomo::linear_update);
   m.impl("linear_grad_sqnorm", &lomo::linear_grad_sqnorm);
+  m.impl("linear_grad_sqnorm_ghost", &lomo::linear_grad_sqnorm_ghost);
   m.impl("embedding_update", &lomo::embedding_update);
   m.impl("embedding_grad_sqnorm", &lomo::embedding_grad_sqnorm);
   m.impl("dense_update", &lomo::dense_update);

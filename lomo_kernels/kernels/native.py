@@ -73,6 +73,12 @@ def linear_grad_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, i
     _ops().linear_grad_sqnorm(stats, x, dy, inv_loss_scale, _stream(stats))
 
 
+def linear_grad_sqnorm_ghost(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float) -> None:
+    """The ghost norm ``⟨x xᵀ, dy dyᵀ⟩`` on CPU tensors (the ``cpu`` backend only): the lower triangles of
+    both token Gram matrices, from 16-bit operands directly (fp32 accumulation)."""
+    _ops().linear_grad_sqnorm_ghost(stats, x, dy, inv_loss_scale, 0)
+
+
 def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int, rule: UpdateRule) -> None:
     _ops().embedding_update(w, idx, dy, padding_idx, *_rule_args(rule), _stream(w))
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ._common import UpdateRule, check_activation, check_stats, check_weight
+from ._common import UpdateRule, check_activation, check_stats, check_weight, run_op
 
 
-@torch.library.custom_op("lomo_kernels::dense_update_", mutates_args=("param",))
-def _dense_update_op(param: torch.Tensor, grad: torch.Tensor, decay: float, step: float, inv_loss_scale: float,
-                     clip_value: float, stochastic: bool, seed: int, backend: str) -> None:
+def _dense_update_impl(param: torch.Tensor, grad: torch.Tensor, decay: float, step: float, inv_loss_scale: float,
+                       clip_value: float, stochastic: bool, seed: int, backend: str) -> None:
     rule = UpdateRule(decay, step, inv_loss_scale, clip_value, stochastic, seed)
     backends.module(backend).dense_update(param.view(-1), grad.view(-1), rule)
+
+
+_dense_update_op = torch.library.custom_op("lomo_kernels::dense_update_", mutates_args=("param",))(_dense_update_impl)
 
 
 @_dense_update_op.register_fake
@@ -20,9 +22,12 @@ def _(param, grad, decay, step, inv_loss_scale, clip_value, stochastic, seed, ba
     return None
 
 
-@torch.library.custom_op("lomo_kernels::dense_grad_sqnorm_", mutates_args=("stats",))
-def _dense_grad_sqnorm_op(stats: torch.Tensor, grad: torch.Tensor, inv_loss_scale: float, backend: str) -> None:
+def _dense_grad_sqnorm_impl(stats: torch.Tensor, grad: torch.Tensor, inv_loss_scale: float, backend: str) -> None:
     backends.module(backend).dense_grad_sqnorm(stats, grad.view(-1), inv_loss_scale)
+
+
+_dense_grad_sqnorm_op = torch.library.custom_op("lomo_kernels::dense_grad_sqnorm_", mutates_args=("stats",))(
+    _dense_grad_sqnorm_impl)
 
 
 @_dense_grad_sqnorm_op.register_fake
@@ -45,8 +50,8 @@ def dense_update_(param: torch.Tensor, grad: torch.Tensor, *, lr: float, weight_
     rule = UpdateRule.make(lr, weight_decay, coef, loss_scale, clip_value, rounding, seed, name)
     grad = _check(param, grad, name)
     chosen = backends.resolve(backend, param.device)
-    _dense_update_op(param, grad, rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value, rule.stochastic,
-                     rule.seed, chosen)
+    run_op(_dense_update_op, _dense_update_impl, (param,), param, grad, rule.decay, rule.step, rule.inv_loss_scale,
+           rule.clip_value, rule.stochastic, rule.seed, chosen)
 
 
 def dense_grad_sqnorm_(stats: torch.Tensor, param: torch.Tensor, grad: torch.Tensor, *, loss_scale: float = 1.0,
@@ -56,4 +61,4 @@ def dense_grad_sqnorm_(stats: torch.Tensor, param: torch.Tensor, grad: torch.Ten
     grad = _check(param, grad, name)
     check_stats(stats, param, name)
     chosen = backends.resolve(backend, param.device)
-    _dense_grad_sqnorm_op(stats, grad, 1.0 / loss_scale, chosen)
+    run_op(_dense_grad_sqnorm_op, _dense_grad_sqnorm_impl, (stats,), stats, grad, 1.0 / loss_scale, chosen)

@@ -10,15 +10,18 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import backends
-from ._common import UpdateRule, check_activation, check_stats, check_weight
+from ._common import UpdateRule, check_activation, check_stats, check_weight, run_op
 
 
-@torch.library.custom_op("lomo_kernels::embedding_update_", mutates_args=("weight",))
-def _embedding_update_op(weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor, padding_idx: int,
-                         decay: float, step: float, inv_loss_scale: float, clip_value: float, stochastic: bool,
-                         seed: int, backend: str) -> None:
+def _embedding_update_impl(weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor, padding_idx: int,
+                           decay: float, step: float, inv_loss_scale: float, clip_value: float, stochastic: bool,
+                           seed: int, backend: str) -> None:
     rule = UpdateRule(decay, step, inv_loss_scale, clip_value, stochastic, seed)
     backends.module(backend).embedding_update(weight, indices, grad_out, padding_idx, rule)
+
+
+_embedding_update_op = torch.library.custom_op("lomo_kernels::embedding_update_", mutates_args=("weight",))(
+    _embedding_update_impl)
 
 
 @_embedding_update_op.register_fake
@@ -26,10 +29,13 @@ def _(weight, indices, grad_out, padding_idx, decay, step, inv_loss_scale, clip_
     return None
 
 
-@torch.library.custom_op("lomo_kernels::embedding_grad_sqnorm_", mutates_args=("stats",))
-def _embedding_grad_sqnorm_op(stats: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor, padding_idx: int,
-                              inv_loss_scale: float, backend: str) -> None:
+def _embedding_grad_sqnorm_impl(stats: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor, padding_idx: int,
+                                inv_loss_scale: float, backend: str) -> None:
     backends.module(backend).embedding_grad_sqnorm(stats, indices, grad_out, padding_idx, inv_loss_scale)
+
+
+_embedding_grad_sqnorm_op = torch.library.custom_op("lomo_kernels::embedding_grad_sqnorm_",
+                                                    mutates_args=("stats",))(_embedding_grad_sqnorm_impl)
 
 
 @_embedding_grad_sqnorm_op.register_fake
@@ -68,8 +74,8 @@ def embedding_update_(weight: torch.Tensor, indices: torch.Tensor, grad_out: tor
     rule = UpdateRule.make(lr, weight_decay, coef, loss_scale, clip_value, rounding, seed, name)
     idx, dy, pad = _flatten(weight, indices, grad_out, padding_idx, name)
     chosen = backends.resolve(backend, weight.device)
-    _embedding_update_op(weight, idx, dy, pad, rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value,
-                         rule.stochastic, rule.seed, chosen)
+    run_op(_embedding_update_op, _embedding_update_impl, (weight,), weight, idx, dy, pad, rule.decay, rule.step,
+           rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed, chosen)
 
 
 def embedding_grad_sqnorm_(stats: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor,
@@ -80,4 +86,5 @@ def embedding_grad_sqnorm_(stats: torch.Tensor, weight: torch.Tensor, indices: t
     idx, dy, pad = _flatten(weight, indices, grad_out, padding_idx, name)
     check_stats(stats, weight, name)
     chosen = backends.resolve(backend, weight.device)
-    _embedding_grad_sqnorm_op(stats, idx, dy, pad, 1.0 / loss_scale, chosen)
+    run_op(_embedding_grad_sqnorm_op, _embedding_grad_sqnorm_impl, (stats,), stats, idx, dy, pad, 1.0 / loss_scale,
+           chosen)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from ._common import UpdateRule, check_activation, check_stats, check_weight
+from ._common import UpdateRule, check_activation, check_stats, check_weight, run_op
 
 
-@torch.library.custom_op("lomo_kernels::linear_update_", mutates_args=("weight",))
-def _linear_update_op(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, decay: float, step: float,
+def _linear_update_impl(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, decay: float, step: float,
                       inv_loss_scale: float, clip_value: float, stochastic: bool, seed: int, backend: str) -> None:
     rule = UpdateRule(decay, step, inv_loss_scale, clip_value, stochastic, seed)
     backends.module(backend).linear_update(weight, x, grad_out, rule)
+
+
+_linear_update_op = torch.library.custom_op("lomo_kernels::linear_update_", mutates_args=("weight",))(
+    _linear_update_impl)
 
 
 @_linear_update_op.register_fake
@@ -25,13 +28,18 @@ def _(weight, x, grad_out, decay, step, inv_loss_scale, clip_value, stochastic, 
     return None
 
 
-@torch.library.custom_op("lomo_kernels::linear_grad_sqnorm_", mutates_args=("stats",))
-def _linear_grad_sqnorm_op(stats: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, inv_loss_scale: float,
+def _linear_grad_sqnorm_impl(stats: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, inv_loss_scale: float,
                            method: str, backend: str) -> None:
     if method == "ghost":
-        backends.module("torch").linear_grad_sqnorm_ghost(stats, x, grad_out, inv_loss_scale)
+        # the compiled ghost pass exists for CPU tensors; every other backend uses the reference's
+        ghost_backend = "cpu" if backend == "cpu" else "torch"
+        backends.module(ghost_backend).linear_grad_sqnorm_ghost(stats, x, grad_out, inv_loss_scale)
     else:
         backends.module(backend).linear_grad_sqnorm(stats, x, grad_out, inv_loss_scale)
+
+
+_linear_grad_sqnorm_op = torch.library.custom_op("lomo_kernels::linear_grad_sqnorm_", mutates_args=("stats",))(
+    _linear_grad_sqnorm_impl)
 
 
 @_linear_grad_sqnorm_op.register_fake
@@ -76,8 +84,8 @@ def linear_update_(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor
     rule = UpdateRule.make(lr, weight_decay, coef, loss_scale, clip_value, rounding, seed, name)
     x2, dy2 = _flatten(weight, x, grad_out, name)
     chosen = backends.resolve(backend, weight.device)
-    _linear_update_op(weight, x2, dy2, rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value,
-                      rule.stochastic, rule.seed, chosen)
+    run_op(_linear_update_op, _linear_update_impl, (weight,), weight, x2, dy2, rule.decay, rule.step,
+           rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed, chosen)
 
 
 def linear_grad_sqnorm_(stats: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, *,
@@ -96,4 +104,5 @@ def linear_grad_sqnorm_(stats: torch.Tensor, weight: torch.Tensor, x: torch.Tens
     if method not in ("gemm", "ghost"):
         raise ValueError(f"{name}: method must be 'auto', 'gemm' or 'ghost', got {method!r}")
     chosen = backends.resolve(backend, weight.device)
-    _linear_grad_sqnorm_op(stats, x2, dy2, 1.0 / loss_scale, method, chosen)
+    run_op(_linear_grad_sqnorm_op, _linear_grad_sqnorm_impl, (stats,), stats, x2, dy2, 1.0 / loss_scale, method,
+           chosen)
