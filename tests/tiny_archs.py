@@ -32,6 +32,8 @@ __all__ = [
     "build_tiny",
     "make_batch",
     "sgd_reference_steps",
+    "weight_uses",
+    "weight_use_notes",
     "SEQ_LEN",
     "BATCH",
 ]
@@ -567,3 +569,82 @@ def sgd_reference_steps(model, batch, steps: int, lr: float, weight_decay: float
         opt.step()
         states.append({k: v.detach().clone() for k, v in ref.state_dict().items()})
     return states
+
+
+# --------------------------------------------------------------------------------------------------
+# how a model uses its weights (for the fused optimizer, which routes weight *uses*)
+
+_METADATA_OPS = {"__get__", "type", "is_floating_point", "dim", "size", "numel", "dtype", "device",
+                 "is_contiguous", "requires_grad", "shape", "data_ptr", "__len__"}
+
+
+def weight_uses(model, batch, min_dim: int = 2) -> dict:
+    """``{parameter name: Counter(torch function name -> calls)}`` for every parameter with at least
+    ``min_dim`` dimensions, recorded during one ``model(**batch).loss`` forward with a
+    ``TorchFunctionMode``. Only calls that receive the parameter itself are seen (``w.t()`` shows as
+    ``t``/``transpose``, the matmul on the view is not attributed). Metadata reads are dropped."""
+    import collections
+
+    from torch.overrides import TorchFunctionMode
+
+    ids = {}
+    for n, p in model.named_parameters():
+        if p.dim() >= min_dim:
+            ids.setdefault(id(p), n)
+    uses: dict = {n: collections.Counter() for n in ids.values()}
+
+    class _Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", str(func))
+            if name not in _METADATA_OPS:
+                for a in (*args, *kwargs.values()):
+                    for x in (a if isinstance(a, (list, tuple)) else (a,)):
+                        if isinstance(x, torch.Tensor) and id(x) in ids:
+                            uses[ids[id(x)]][name] += 1
+            return func(*args, **kwargs)
+
+    with _Record():
+        model(**batch).loss
+    return uses
+
+
+def weight_use_notes(model, batch) -> list[str]:
+    """Short notes on what is unusual, for the fused optimizer, about how ``model`` uses its weights:
+    tied weights, nn.Embedding / nn.Linear subclasses with their own ``forward``, weights of 2+ dims
+    used other than through F.linear / F.embedding (grouped parameters name their layer as ``N``), and
+    weights of 2+ dims the forward does not use at all."""
+    import collections
+    import re
+
+    notes = []
+    all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    n_tied = len(all_names) - len(list(model.parameters()))
+    if n_tied:
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        lm = (out_emb is not None and in_emb is not None and getattr(out_emb, "weight", None) is not None
+              and out_emb.weight is in_emb.weight)
+        notes.append(f"tied: {n_tied} shared parameter(s)" + (" (lm_head = input embedding)" if lm else ""))
+    subs = collections.Counter()
+    for _, mod in model.named_modules():
+        for base in (torch.nn.Embedding, torch.nn.Linear):
+            if isinstance(mod, base) and type(mod).forward is not base.forward:
+                subs[f"{base.__name__} subclass {type(mod).__name__}"] += 1
+    notes += [f"{k} (own forward) x{v}" for k, v in sorted(subs.items())]
+    groups: dict = {}
+    unused = []
+    for n, u in weight_uses(model, batch).items():
+        g = re.sub(r"\.\d+\.", ".N.", n)
+        if not u:
+            unused.append(g)
+            continue
+        other = {k: v for k, v in u.items() if k not in ("linear", "embedding")}
+        if other:
+            groups.setdefault(g, set()).update(other)
+    if groups:
+        notes.append("non-F.linear/F.embedding uses: " + "; ".join(
+            f"{g} [{', '.join(sorted(ops))}]" for g, ops in groups.items()))
+    if unused:
+        notes.append(f"unused by a text-only forward: {len(set(unused))} weight group(s), e.g. {sorted(set(unused))[0]}")
+    return notes
