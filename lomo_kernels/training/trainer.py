@@ -90,7 +90,8 @@ def check_options(args) -> None:
 def resolve_run(args, explicit: set[str]):
     """Check the output directory and merge a resumed run's options. Writes nothing.
 
-    Returns (args, checkpoint to resume from or None, the run.json of a resumed run or None)."""
+    Returns (args, the intact checkpoint to resume from or None, the run.json of a resumed run or None,
+    the damaged checkpoints newer than it as (path, problem))."""
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} exists and is not a directory")
@@ -100,8 +101,12 @@ def resolve_run(args, explicit: set[str]):
     if args.resume:
         if not has_run:
             raise UsageError(f"--resume: {out} holds no run to resume")
-        checkpoint = ckpt.latest_checkpoint(out)
-        if checkpoint is None:
+        intact, damaged = ckpt.newest_intact_checkpoint(out)
+        if intact is None:
+            if damaged:
+                raise UsageError(f"--resume: no intact checkpoint in {out / ckpt.CHECKPOINTS}: "
+                                 + "; ".join(f"{p.name}: {why}" for p, why in damaged)
+                                 + "; start the run again with --overwrite")
             raise UsageError(f"--resume: the run in {out} has no checkpoint yet; start it again with --overwrite")
         run_info = ckpt.read_run_info(out)
         saved = run_info["options"]
@@ -112,14 +117,19 @@ def resolve_run(args, explicit: set[str]):
         for key, value in saved.items():
             if key not in RESUMABLE_OPTIONS or key not in explicit:
                 setattr(args, key, value)
-        return args, checkpoint, run_info
+        reached = intact.state["step"]
+        if isinstance(args.steps, int) and args.steps < reached:
+            raise UsageError(f"--resume: the run in {out} already reached step {reached} ({intact.path.name}), "
+                             f"beyond --steps {args.steps}; --steps is the run's total, so pass --steps above "
+                             f"{reached} to train further (nothing was changed)")
+        return args, intact, run_info, damaged
     if out.is_dir() and any(out.iterdir()):
         if not has_run:
             raise UsageError(f"--output {out} is not empty and holds no lomo-kernels run; choose another directory")
         if not args.overwrite:
             raise UsageError(f"--output {out} already holds a run; pass --resume to continue it or "
                              "--overwrite to replace it")
-    return args, None, None
+    return args, None, None, []
 
 
 # --- model ---------------------------------------------------------------------------------------------
@@ -249,7 +259,8 @@ class Run:
 
 def prepare(args, explicit: set[str], say) -> Run:
     """Check every input (raising UsageError before anything is written), then set up the run directory."""
-    args, resume_from, run_info = resolve_run(args, explicit)
+    args, intact, run_info, damaged = resolve_run(args, explicit)
+    resume_from = intact.path if intact is not None else None
     check_options(args)
     out = Path(args.output)
     run_source = ModelSource(**run_info["model_source"]) if run_info else resolve_model(args.model)
@@ -277,15 +288,25 @@ def prepare(args, explicit: set[str], say) -> Run:
     if args.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    leftovers = ckpt.remove_stale_temporaries(out)
+    if leftovers:
+        say(f"removed what an interrupted save left behind: {', '.join(str(p.relative_to(out)) for p in leftovers)}")
+    for path, problem in damaged:
+        aside = ckpt.set_aside(path)
+        say(f"warning: checkpoint {path.name} is damaged ({problem}); set aside as "
+            f"{aside.relative_to(out)}, resuming from {resume_from.name} instead")
+    if damaged:  # the top-level weights may be the damaged checkpoint's: publish those resumed from
+        ckpt.publish_model_files(resume_from, out)
     start_step, order = 0, BatchOrder(len(train_data), args.batch_size, args.seed)
     runner = build_runner(args, model)
     if resume_from is not None:
-        state = ckpt.load_training_state(resume_from)
+        state = intact.state
         runner.load_state_dict(state["optimizer"])
         start_step = state["step"]
         order = BatchOrder(len(train_data), args.batch_size, args.seed, **{k: state["data"][k] for k in ("epoch", "offset")})
         ckpt.set_rng_state(state["rng"])
-        say(f"resuming {out} from step {start_step} ({resume_from.name})")
+        say(f"resuming {out} from step {start_step} ({resume_from.name})"
+            + (f"; it already reached --steps {args.steps}, nothing to train" if start_step >= args.steps else ""))
     options = {k: v for k, v in vars(args).items() if k not in INVOCATION_OPTIONS}
     ckpt.write_json_atomic(out / ckpt.RUN_FILE, {"options": options, "model_source": vars(run_source), "data_sha256": digest})
     history = load_metrics(out / METRICS_FILE, start_step)
