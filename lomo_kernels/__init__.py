@@ -3,8 +3,8 @@ from .backends import available_backends
 from .ops import (dense_grad_sqnorm_, dense_update_, embedding_grad_sqnorm_, embedding_update_,
                   linear_grad_sqnorm_, linear_update_)
 from .optim import AdaLomo, Lomo
-from .patch import patch, unpatch
+from .routing import UnfusedUseError, release
 
 __version__ = "0.1.0"
-__all__ = ["Lomo", "AdaLomo", "patch", "unpatch", "available_backends", "linear_update_", "linear_grad_sqnorm_",
+__all__ = ["Lomo", "AdaLomo", "release", "UnfusedUseError", "available_backends", "linear_update_", "linear_grad_sqnorm_",
            "embedding_update_", "embedding_grad_sqnorm_", "dense_update_", "dense_grad_sqnorm_"]

@@ -1,8 +1,11 @@
 """Autograd Functions whose backward updates the weight instead of returning its gradient.
 
-Each backward first computes the input gradient with the *pre-update* weight, then hands
-``(weight, x, dy)`` to the parameter's ``FusedSite`` (lomo_kernels.patch), which calls the
-optimizer's fused op. The weight's gradient slot is ``None``: no weight-sized tensor is built.
+The router (lomo_kernels.routing) calls them in place of ``F.linear`` / ``torch.addmm`` (GPT-2's
+``Conv1D``) / ``F.embedding`` on a held weight. The forward is the very op it replaces, so a held
+model's outputs are bitwise the plain model's. Each backward first computes the input (and bias)
+gradient with the *pre-update* weight, then hands its use's ``(x, dy)`` to the weight's
+``WeightSite``, which applies the update once all of the weight's uses are in. The weight's
+gradient slot is ``None``: no weight-sized tensor is built.
 """
 from __future__ import annotations
 
@@ -19,15 +22,12 @@ def _common_dtype(a: torch.Tensor, b: torch.Tensor):
 
 
 class FusedLinearFunction(torch.autograd.Function):
-    """``y = x Wᵀ + b`` (``nn.Linear``) or, with ``in_out_layout``, ``y = x W + b`` (GPT-2's ``Conv1D``)."""
+    """``F.linear(x, W, b)`` or, with ``in_out_layout``, ``torch.addmm(b, x, W)`` (``Conv1D``, W [in, out])."""
 
     @staticmethod
     def forward(x, weight, bias, site, in_out_layout):
         if in_out_layout:
-            y = x.reshape(-1, x.shape[-1]) @ weight
-            if bias is not None:
-                y = y + bias
-            return y.view(*x.shape[:-1], weight.shape[1])
+            return torch.addmm(bias, x, weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -36,28 +36,31 @@ class FusedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
         # Held as plain attributes, not saved tensors: the weight is rewritten in place by this very
         # backward, and autograd's version check would (rightly) refuse a saved tensor changed later.
-        ctx.weight, ctx.bias, ctx.site, ctx.in_out_layout = weight, bias, site, in_out_layout
+        ctx.weight, ctx.site, ctx.in_out_layout = weight, site, in_out_layout
+        ctx.bias_dtype = bias.dtype if bias is not None else None
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         weight = ctx.weight
-        grad_x = None
+        grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = weight.t() if ctx.in_out_layout else weight
             grad_x = (dy.to(weight.dtype) @ w).to(x.dtype)
         x2, dy2 = _common_dtype(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
-        if ctx.bias is not None and ctx.bias.requires_grad:
-            ctx.site.bias_grad(ctx.bias, dy2.sum(0, dtype=torch.float32))
-        # The weight update is last: grad_x above already used the old weight.
-        if ctx.in_out_layout:  # W [in, out] gets G = xᵀ dy: the linear op with the roles of x and dy swapped
-            ctx.site.linear(weight, dy2, x2)
+        if ctx.needs_input_grad[2]:
+            grad_bias = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        # The weight's update is last: grad_x above already used the old weight.
+        if ctx.in_out_layout:  # W [in, out] gets G = xᵀ dy: the linear form with the roles of x and dy swapped
+            ctx.site.linear_done(dy2, x2)
         else:
-            ctx.site.linear(weight, x2, dy2)
-        return grad_x, None, None, None, None
+            ctx.site.linear_done(x2, dy2)
+        return grad_x, None, grad_bias, None, None
 
 
 class FusedEmbeddingFunction(torch.autograd.Function):
+    """``F.embedding(indices, W, padding_idx)``; the backward updates the touched rows."""
+
     @staticmethod
     def forward(indices, weight, padding_idx, site):
         return F.embedding(indices, weight, padding_idx)
@@ -66,10 +69,10 @@ class FusedEmbeddingFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         indices, weight, padding_idx, site = inputs
         ctx.save_for_backward(indices)
-        ctx.weight, ctx.padding_idx, ctx.site = weight, padding_idx, site
+        ctx.padding_idx, ctx.site = padding_idx, site
 
     @staticmethod
     def backward(ctx, dy):
         (indices,) = ctx.saved_tensors
-        ctx.site.embedding(ctx.weight, indices, dy, ctx.padding_idx)
+        ctx.site.embedding_done(indices, dy, ctx.padding_idx)
         return None, None, None, None

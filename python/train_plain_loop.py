@@ -56,7 +56,7 @@ def main() -> None:
     with torch.no_grad():
         held_out_loss = model(input_ids=held_out.tokens, labels=held_out.labels).loss.item()
     print(f"held-out loss {held_out_loss:.4f} (perplexity {math.exp(held_out_loss):.2f})")
-    lomo_kernels.unpatch(model)  # restore the plain modules before saving
+    optimizer.close()  # end the hold: the plain model again (saving works while held too)
     model.save_pretrained(args.output)
     save_byte_tokenizer(args.output)
     print(f"model saved in {args.output} (loads with transformers.AutoModelForCausalLM.from_pretrained)")

@@ -108,18 +108,18 @@ def test_no_weight_sized_tensor_during_fused_backward():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_unpatch_restores_ordinary_training():
+def test_close_restores_ordinary_training():
     model = tiny_llama()
     ids = batches(model.config.vocab_size, n=1)[0]
     before = model(input_ids=ids, labels=ids).loss.item()
     opt = lk.Lomo(model, lr=0.0)
     opt.fused_backward(model(input_ids=ids, labels=ids).loss, 0.0)
-    lk.unpatch(model)
+    opt.close()
     loss = model(input_ids=ids, labels=ids).loss
     assert loss.item() == pytest.approx(before, rel=1e-6)  # lr=0 changed nothing
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_frozen_parameters_are_left_alone():
@@ -148,17 +148,17 @@ def test_bad_use_raises_clear_errors_and_writes_nothing():
     ids = batches(model.config.vocab_size, n=1)[0]
     with pytest.raises(TypeError, match="nn.Module"):
         lk.Lomo(list(model.parameters()))
-    with pytest.raises(ValueError, match="clip_grad_norm should be positive"):
+    with pytest.raises(ValueError, match="clip_grad_norm must be > 0, got 0.0"):
         lk.Lomo(model, clip_grad_norm=0.0)
     frozen = tiny_llama().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         lk.Lomo(frozen)
     opt = lk.Lomo(model, lr=0.1, clip_grad_norm=1.0)
-    with pytest.raises(RuntimeError, match="already patched"):
+    with pytest.raises(RuntimeError, match="already held by lomo_kernels.Lomo"):
         lk.Lomo(model)
     loss = model(input_ids=ids, labels=ids).loss
     for bad_lr in (math.nan, math.inf, -1.0):
-        with pytest.raises(ValueError, match="lr must be a finite"):
+        with pytest.raises(ValueError, match="lr must be"):
             opt.fused_backward(loss, bad_lr)
     with torch.no_grad():
         detached = model(input_ids=ids, labels=ids).loss
@@ -168,7 +168,7 @@ def test_bad_use_raises_clear_errors_and_writes_nothing():
         assert torch.equal(p, q)
 
 
-def test_weight_used_outside_patched_modules_is_reported():
+def test_unfusable_use_of_a_held_weight_is_found_in_the_forward():
     lin = torch.nn.Linear(4, 3)
 
     class Model(torch.nn.Module):
@@ -181,5 +181,8 @@ def test_weight_used_outside_patched_modules_is_reported():
 
     model = Model()
     opt = lk.Lomo(model, lr=0.1)
-    with pytest.raises(RuntimeError, match="used outside the patched modules"):
-        opt.fused_backward(model(torch.randn(2, 4)), 0.1)
+    before = lin.weight.detach().clone()
+    with pytest.raises(lk.UnfusedUseError, match=r"'lin.weight'.*Tensor.t"):
+        model(torch.randn(2, 4))
+    assert torch.equal(lin.weight, before)
+    assert opt.held.router.depth == 0  # the failed forward left routing off

@@ -5,8 +5,8 @@ lomo-optim's AdaLomo puts its statistics on the GPU with ``.cuda()``; to run it 
 replaces ``torch.Tensor.cuda`` by the identity while it is constructed.
 
 GPT-2 is tested with its tied wte/lm_head: on this torch, autograd sums the two uses' gradients
-before lomo-optim's hook sees them, so lomo-optim updates the tied weight once, as we do (our tie
-handling sums both uses in one fp32 buffer for non-linear rules).
+before lomo-optim's hook sees them, so lomo-optim updates the tied weight once, as we do (the router
+keeps both uses' tokens and applies one fused update from their concatenation).
 
 For AdaLomo on GPT-2, ``c_attn.bias`` is frozen in both runs: the key third of that bias has an
 exactly zero gradient (softmax is invariant to it), and AdaLomo's 1-D rule normalizes each entry to

@@ -30,8 +30,10 @@ def training_args(tmp_path, max_steps, **overrides):
 
 
 def manual_loop(model, data, steps):
-    """What LomoTrainer should do: norm phase, fused backward at the scheduler's lr, scheduler step."""
-    opt = lk.Lomo(model, lr=LR, clip_grad_norm=CLIP, weight_decay=0.01)
+    """What LomoTrainer should do: norm phase, fused backward at the scheduler's lr, scheduler step;
+    no weight decay for biases and norm weights (the Trainer's rule)."""
+    no_decay = [n for n, _ in model.named_parameters() if "norm" in n or n.endswith("bias")]
+    opt = lk.Lomo(model, lr=LR, clip_grad_norm=CLIP, weight_decay=0.01, no_decay=no_decay)
     sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=steps)
     norms = []
     for i in range(steps):
@@ -62,6 +64,60 @@ def test_trainer_equals_manual_loop_with_clipping_and_schedule(tmp_path):
     assert [entry["grad_norm"] for entry in logged] == pytest.approx(norms, rel=1e-5)
     assert all(entry["skipped_steps"] == 0 for entry in logged)
     assert isinstance(trainer.fused_optimizer, lk.Lomo)
+    assert trainer.fused_optimizer.closed and trainer.optimizer is None  # train() released the model
+
+
+def _update_rel_err(p, q, start):
+    return ((p.double() - q.double()).norm() / (q.double() - start.double()).norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("clip", [0.0, CLIP])
+def test_trainer_equals_hf_trainer_sgd_with_its_decay_rule(tmp_path, clip):
+    from transformers import Trainer
+    steps = 3
+    model = tiny_llama()
+    start, ref = copy.deepcopy(model), copy.deepcopy(model)
+    data = dataset(model.config.vocab_size, steps * BATCH)
+    args = dict(weight_decay=0.5, max_grad_norm=clip, learning_rate=0.05)
+    LomoTrainer(model=model, args=training_args(tmp_path / "lomo", steps, **args), train_dataset=data).train()
+    Trainer(model=ref, args=training_args(tmp_path / "sgd", steps, optim="sgd", **args), train_dataset=data).train()
+    norm = start.model.norm.weight
+    assert not torch.equal(ref.model.norm.weight, norm)  # it trained, without decay (checked below)
+    for (name, p), q, s in zip(model.named_parameters(), ref.parameters(), start.parameters()):
+        assert _update_rel_err(p, q, s) <= 1e-4, f"{name}: {_update_rel_err(p, q, s):.2e}"
+
+
+def test_trainer_releases_the_model_when_train_raises(tmp_path):
+    model = tiny_llama()
+    data = dataset(model.config.vocab_size, 2 * BATCH)
+
+    class Boom(LomoTrainer):
+        def training_step(self, *args, **kwargs):
+            super().training_step(*args, **kwargs)
+            raise KeyboardInterrupt
+
+    trainer = Boom(model=model, args=training_args(tmp_path, 2), train_dataset=data)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert "_lomo_hold" not in model.__dict__ and trainer.optimizer is None
+
+
+def test_scheduler_does_not_advance_on_a_skipped_step(tmp_path):
+    model = tiny_llama().to(torch.float16)
+    data = dataset(model.config.vocab_size, 3 * BATCH)
+    rates = []
+
+    class Overflowing(LomoTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            rates.append(self._get_learning_rate())
+            return loss * float("inf") if len(rates) == 2 else loss  # the second step overflows
+
+    trainer = Overflowing(model=model, args=training_args(tmp_path, 3, max_grad_norm=0.0, warmup_steps=0),
+                          train_dataset=data)
+    trainer.train()
+    assert trainer.fused_optimizer.skipped_steps == 1
+    assert rates[2] == rates[1] < rates[0]  # linear decay, paused by the skipped step
 
 
 def test_trainer_resumes_exactly_from_its_checkpoint(tmp_path):

@@ -32,6 +32,7 @@ are all-reduced (the update-RMS clip and the parameter-RMS learning-rate scale).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -44,6 +45,8 @@ from ..optim.base import FusedOptimizer
 from ..optim.lomo import Lomo
 from .zero3_shard import STRATEGIES, check_resume, check_zero3_config, choose_strategy, flat_range_blocks, \
     shard_range
+
+logger = logging.getLogger("lomo_kernels")
 
 SUPPORTED_DEEPSPEED = ((0, 19), (0, 19))  # (min, max) major.minor verified; see docs/zero3.md
 
@@ -77,7 +80,7 @@ class _ShardInfo:
 
 
 class Zero3Updater:
-    """The ``Updater`` (lomo_kernels.patch) of a ZeRO-3 model: redirects each fused update of a gathered
+    """The ``Updater`` (lomo_kernels.routing) of a ZeRO-3 model: redirects each fused update of a gathered
     weight to this rank's shard, with the data-parallel mean gradient; the optimizer's rule does the math."""
 
     def __init__(self, optimizer: FusedOptimizer, engine, group, strategy: str):
@@ -95,9 +98,6 @@ class Zero3Updater:
 
     # --- Updater protocol ------------------------------------------------------------------------
 
-    def sums_contributions(self) -> bool:
-        return self.optimizer.sums_contributions()
-
     def _active(self) -> bool:
         """A skipped step's backward (non-finite norm, the same decision on every rank) only frees
         the graph: no communication, no update."""
@@ -106,7 +106,7 @@ class Zero3Updater:
         self._queue_end_of_backward()
         return True
 
-    def linear(self, param, x, dy, *, apply_decay=True):
+    def linear(self, param, x, dy):
         if not self._active():
             return
         info = self.shards[id(param)]
@@ -116,7 +116,7 @@ class Zero3Updater:
         if route == "reduce_scatter":
             padded = self._padded_buffer(param, info)  # the one layer gradient alive now
             torch.mm(dy2.t().to(torch.float32), x2.to(torch.float32), out=padded[:info.numel].view(out_f, in_f))
-            self._apply_shard_grad(param, info, self._reduce_scatter(padded, info), apply_decay)
+            self._apply_shard_grad(param, info, self._reduce_scatter(padded, info))
             return
         xs, dys = self._gather_tokens(x2), self._gather_tokens(dy2)
         dys.mul_(1.0 / self.world_size)  # the data-parallel mean, as DeepSpeed averages gradients
@@ -127,15 +127,14 @@ class Zero3Updater:
                 torch.mm(dys[:, b.row0:b.row0 + b.rows].t().to(torch.float32),
                          xs[:, b.col0:b.col0 + b.cols].to(torch.float32),
                          out=grad[b.flat_start - info.start:][:b.numel].view(b.rows, b.cols))
-            self._apply_shard_grad(param, info, grad, apply_decay)
+            self._apply_shard_grad(param, info, grad)
             return
         for b in blocks:
             piece = param.ds_tensor.narrow(0, b.flat_start - info.start, b.numel).view(b.rows, b.cols)
             with _param_data(param, piece):
-                self.optimizer.linear(param, xs[:, b.col0:b.col0 + b.cols], dys[:, b.row0:b.row0 + b.rows],
-                                      apply_decay=apply_decay)
+                self.optimizer.linear(param, xs[:, b.col0:b.col0 + b.cols], dys[:, b.row0:b.row0 + b.rows])
 
-    def embedding(self, param, indices, dy, padding_idx, *, apply_decay=True):
+    def embedding(self, param, indices, dy, padding_idx):
         if not self._active():
             return
         info = self.shards[id(param)]
@@ -145,23 +144,23 @@ class Zero3Updater:
         if route == "reduce_scatter":
             padded = self._padded_buffer(param, info)  # one full embedding gradient
             _embedding_grad(idx, rows, padding_idx, 0, vocab, padded[:info.numel].view(vocab, dim))
-            self._apply_shard_grad(param, info, self._reduce_scatter(padded, info), apply_decay)
+            self._apply_shard_grad(param, info, self._reduce_scatter(padded, info))
             return
         idx, rows = self._gather_tokens(idx), self._gather_tokens(rows)
         row0, row1 = info.start // dim, -(-info.end // dim)
         covering = rows.new_empty((row1 - row0, dim), dtype=torch.float32)  # shard-sized, not weight-sized
         _embedding_grad(idx, rows, padding_idx, row0, row1, covering)
         grad = covering.view(-1)[info.start - row0 * dim:info.end - row0 * dim].mul_(1.0 / self.world_size)
-        self._apply_shard_grad(param, info, grad, apply_decay)
+        self._apply_shard_grad(param, info, grad)
 
-    def dense(self, param, grad, *, apply_decay=True):
+    def dense(self, param, grad):
         if not self._active():
             return
         info = self.shards[id(param)]
         self.last_strategy[info.name] = "reduce_scatter"
         padded = self._padded_buffer(param, info)
         padded[:info.numel].copy_(grad.reshape(-1))
-        self._apply_shard_grad(param, info, self._reduce_scatter(padded, info), apply_decay)
+        self._apply_shard_grad(param, info, self._reduce_scatter(padded, info))
 
     # --- the two routes' pieces --------------------------------------------------------------------
 
@@ -194,15 +193,15 @@ class Zero3Updater:
         """AdaLomo's update needs whole-parameter statistics first; its norm phase is Lomo's."""
         return isinstance(self.optimizer, AdaLomo) and self.optimizer.phase == "apply"
 
-    def _apply_shard_grad(self, param, info: _ShardInfo, grad: torch.Tensor, apply_decay: bool):
+    def _apply_shard_grad(self, param, info: _ShardInfo, grad: torch.Tensor):
         """Apply the optimizer's rule to this rank's shard from its mean gradient (flat, maybe empty)."""
         if self._needs_shard_grad():
-            self._adalomo_shard_update(param, info, grad, apply_decay)  # collective: also with an empty shard
+            self._adalomo_shard_update(param, info, grad)  # collective: also with an empty shard
         elif grad.numel():
             with _param_data(param, _flat_shard(param, info)):
-                self.optimizer.dense(param, grad, apply_decay=apply_decay)
+                self.optimizer.dense(param, grad)
 
-    def _adalomo_shard_update(self, param, info: _ShardInfo, grad: torch.Tensor, apply_decay: bool):
+    def _adalomo_shard_update(self, param, info: _ShardInfo, grad: torch.Tensor):
         """AdaLomo's rule (optim/adalomo.py) on a flat shard, with whole-parameter statistics."""
         opt = self.optimizer
         g = grad / opt.loss_scale
@@ -235,7 +234,7 @@ class Zero3Updater:
         coef = opt.normalizer(update_sq, info.numel)
         lr = opt.lr * max(opt.eps[1], math.sqrt(param_sq / info.numel))  # AdaLomo.scaled_lr on the whole W
         if shard.numel():
-            ops.dense_update_(shard, u, lr=lr, weight_decay=opt.weight_decay if apply_decay else 0.0, coef=coef,
+            ops.dense_update_(shard, u, lr=lr, weight_decay=opt.weight_decay_for(param), coef=coef,
                               rounding=opt._rounding_for(param), seed=opt._seed_for(param), backend=opt.backend,
                               name=info.name)
 
@@ -387,10 +386,11 @@ def attach(optimizer: FusedOptimizer, ds_config: dict, *, strategy: str = "auto"
             raise ValueError(f"AdaLomo handles 1-D and 2-D parameters only; got {bad[:3]}")
         if optimizer.step_count:
             raise ValueError("attach the AdaLomo optimizer before its first step (its statistics get resized)")
-    tied = [site.name for site in optimizer.handle.sites.values() if site.tied]
+    tied = optimizer.held.shared_weights
     if tied:
         raise ValueError(f"tied parameters {tied} are not supported under ZeRO-3 (their uses' gradients would have "
                          "to be summed in a full-size buffer); untie them (e.g. tie_word_embeddings=False)")
+    _restore_plain_linear()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     updater = Zero3Updater(optimizer, engine, group, strategy)
     if isinstance(optimizer, AdaLomo):
@@ -398,6 +398,21 @@ def attach(optimizer: FusedOptimizer, ds_config: dict, *, strategy: str = "auto"
     optimizer.reroute(updater)
     model.register_forward_hook(updater.snapshot_backward_counters)
     return updater
+
+
+def _restore_plain_linear() -> None:
+    """``deepspeed.zero.Init`` replaces ``torch.nn.functional.linear`` process-wide by its memory-efficient
+    linear (``zero_optimization.memory_efficient_linear``, default true): an autograd Function of its own,
+    inside which the router cannot route a held weight. Held weights need the plain ``F.linear`` (routed
+    to fused ops, which never save the weight): put it back. Frozen weights then take DeepSpeed's default
+    route (the weight is re-gathered for their backward by the module hooks)."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    if torch.nn.functional.linear is zero3_linear_wrap:
+        torch.nn.functional.linear = InsertPostInitMethodToModuleSubClasses.linear_bk
+        logger.info("lomo_kernels: restored torch.nn.functional.linear (DeepSpeed's memory-efficient linear "
+                    "hides weight uses from fused updates; set zero_optimization.memory_efficient_linear=false)")
 
 
 def _shard_adalomo_statistics(optimizer: AdaLomo, updater: Zero3Updater) -> None:

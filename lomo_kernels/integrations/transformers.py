@@ -12,7 +12,11 @@ Switching from ``Trainer`` is two lines::
 What ``TrainingArguments`` mean here:
 
 * ``learning_rate``, ``weight_decay``, ``lr_scheduler_type``/warmup: as usual; the scheduler drives
-  ``param_groups[0]["lr"]``, which the fused backward uses.
+  ``param_groups[0]["lr"]``, which the fused backward uses, and does not advance on a skipped step
+  (a non-finite gradient). Weight decay follows the Trainer's own rule
+  (``Trainer.get_decay_parameter_names``: no decay for biases and normalization weights).
+* The optimizer holds the model only while ``train()`` runs: when it returns (or raises) the hold is
+  released, so the model is the plain model again for evaluation, saving or another trainer.
 * ``max_grad_norm > 0``: exact global-norm clipping. Each step's ``fused_backward`` first runs the
   norm-only backward (``grad_norm``). The Trainer's ``optim="lomo"`` route cannot clip: it only
   calls ``fused_backward``, and with lomo-optim that raises once ``clip_grad_norm`` is set.
@@ -37,12 +41,16 @@ from ..optim.base import FusedOptimizer
 OPTIMIZERS = {"lomo": Lomo, "adalomo": AdaLomo}
 
 
-def build_optimizer(model, args, optimizer_name: str = "lomo", **optimizer_kwargs) -> FusedOptimizer:
+def build_optimizer(model, args, optimizer_name: str = "lomo", decay_parameters=None,
+                    **optimizer_kwargs) -> FusedOptimizer:
     """The fused optimizer a ``LomoTrainer`` builds from ``TrainingArguments`` (``learning_rate``,
-    ``weight_decay``, ``max_grad_norm``, ``seed``); ``optimizer_kwargs`` override or extend them."""
+    ``weight_decay``, ``max_grad_norm``, ``seed``); ``optimizer_kwargs`` override or extend them.
+    ``decay_parameters``: names of the parameters that get weight decay (None: all of them)."""
     if optimizer_name not in OPTIMIZERS:
         raise ValueError(f"optimizer_name must be one of {sorted(OPTIMIZERS)}, got {optimizer_name!r}")
-    kwargs = dict(lr=args.learning_rate, weight_decay=args.weight_decay,
+    no_decay = [] if decay_parameters is None else \
+        [n for n, p in model.named_parameters() if p.requires_grad and n not in set(decay_parameters)]
+    kwargs = dict(lr=args.learning_rate, weight_decay=args.weight_decay, no_decay=no_decay,
                   clip_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
                   seed=args.seed % 2**32)
     kwargs.update(optimizer_kwargs)
@@ -65,22 +73,36 @@ class LomoTrainer(Trainer):
                              "rounding itself")
         self.optimizer_name = optimizer_name
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        self._fused: FusedOptimizer | None = None
 
     @property
     def fused_optimizer(self) -> FusedOptimizer:
-        """The lomo_kernels optimizer (``self.optimizer`` may be accelerate's wrapper around it)."""
-        opt = self.optimizer
-        while not isinstance(opt, FusedOptimizer):
-            if opt is None:
-                raise RuntimeError("the optimizer is created when training starts")
-            opt = opt.optimizer
-        return opt
+        """The lomo_kernels optimizer of the current (or, after ``train()``, the last, closed) run."""
+        if self._fused is None:
+            raise RuntimeError("the optimizer is created when training starts")
+        return self._fused
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = build_optimizer(model if model is not None else self.model, self.args,
-                                             self.optimizer_name, **self.optimizer_kwargs)
+            model = model if model is not None else self.model
+            self.optimizer = self._fused = build_optimizer(model, self.args, self.optimizer_name,
+                                                           decay_parameters=self.get_decay_parameter_names(model),
+                                                           **self.optimizer_kwargs)
         return self.optimizer
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; the fused optimizer's hold on the model ends when it returns or raises."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.release_optimizer()
+
+    def release_optimizer(self) -> None:
+        """Close the fused optimizer (the model is the plain model again); a later ``train()`` builds a new one."""
+        if self._fused is not None:
+            self._fused.close()
+        self.optimizer = None
+        self.lr_scheduler = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
@@ -89,7 +111,11 @@ class LomoTrainer(Trainer):
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         del inputs
         # fused_backward runs the norm phase first when clipping (max_grad_norm) or fp16 needs it
-        self.fused_optimizer.fused_backward(loss, self._get_learning_rate())
+        opt = self.fused_optimizer
+        opt.fused_backward(loss, self._get_learning_rate())
+        if hasattr(self.optimizer, "_is_overflow"):
+            # accelerate's optimizer wrapper: the Trainer does not step the scheduler after a skipped step
+            self.optimizer._is_overflow = opt.skipped_step
         return loss.detach()
 
     # There are no gradients for the Trainer to clip or measure: report the norm phase's norm.

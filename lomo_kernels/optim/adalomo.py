@@ -48,6 +48,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import adalomo_stats
+from . import _checks
 from .base import FusedOptimizer
 
 STATISTICS = ("recompute", "materialize")
@@ -63,19 +64,15 @@ class AdaLomo(FusedOptimizer):
                  eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                  weight_decay: float = 0.0, *, statistics: str = "recompute", backend: str = "auto",
-                 rounding: str | None = None, seed: int = 0):
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if loss_scale is not None and loss_scale != 0 and not (math.isfinite(loss_scale) and loss_scale > 0):
-            raise ValueError(f"loss_scale must be a positive finite number or None, got {loss_scale!r}")
-        if len(eps) != 2 or not all(e >= 0 for e in eps):
+                 rounding: str | None = None, seed: int = 0, no_decay=()):
+        weight_decay = _checks.non_negative("weight_decay", weight_decay)
+        loss_scale = _checks.number("loss_scale", loss_scale, low=0.0, optional=True)
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise ValueError(f"eps must be two numbers >= 0 (gradient² floor, parameter-RMS floor), got {eps!r}")
-        if not clip_threshold > 0:
-            raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
-        if not decay_rate < 0:
-            raise ValueError(f"decay_rate must be < 0 (β2 = 1 - step^decay_rate), got {decay_rate}")
-        if statistics not in STATISTICS:
-            raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
+        eps = (_checks.non_negative("eps[0]", eps[0]), _checks.non_negative("eps[1]", eps[1]))
+        clip_threshold = _checks.positive("clip_threshold", clip_threshold)
+        decay_rate = _checks.number("decay_rate", decay_rate, high=0.0, high_open=True)
+        _checks.choice("statistics", statistics, STATISTICS)
         bad = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad and p.dim() not in (1, 2)]
         if bad:
             raise ValueError(f"AdaLomo handles 1-D and 2-D parameters only; got {bad[:3]}")
@@ -88,7 +85,7 @@ class AdaLomo(FusedOptimizer):
         super().__init__(model, dict(lr=lr, eps=self.eps, weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
                                      clip_grad_value=clip_grad_value),
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
-                         rounding=rounding, seed=seed)
+                         rounding=rounding, seed=seed, no_decay=no_decay)
         self.exp_avg_sq: dict[str, torch.Tensor] = {}
         self.exp_avg_sq_row: dict[str, torch.Tensor] = {}
         self.exp_avg_sq_col: dict[str, torch.Tensor] = {}
@@ -131,8 +128,8 @@ class AdaLomo(FusedOptimizer):
         col = self.exp_avg_sq_col[name].mul_(beta).add_(col_sq_mean + self.eps[0], alpha=1.0 - beta)
         return (row / row.mean()).rsqrt_(), col.rsqrt()
 
-    def _apply_args(self, param: torch.Tensor, coef: float, apply_decay: bool) -> dict:
-        return dict(lr=self.scaled_lr(param), weight_decay=self.weight_decay if apply_decay else 0.0, coef=coef,
+    def _apply_args(self, param: torch.Tensor, coef: float) -> dict:
+        return dict(lr=self.scaled_lr(param), weight_decay=self.weight_decay_for(param), coef=coef,
                     rounding=self._rounding_for(param), seed=self._seed_for(param), backend=self.backend,
                     name=self._name(param))
 
@@ -162,20 +159,20 @@ class AdaLomo(FusedOptimizer):
 
     # --- the Updater's apply phase -----------------------------------------------------------------
 
-    def dense_apply(self, param, grad, *, apply_decay=True):
+    def dense_apply(self, param, grad):
         """Consumes ``grad`` (see ``direction_``): the callers (hooks, tie buffers) drop it afterwards."""
         u = self.direction_(param, grad)
         coef = self.normalizer(float(u.norm() ** 2), u.numel())
-        ops.dense_update_(param, u, **self._apply_args(param, coef, apply_decay))
+        ops.dense_update_(param, u, **self._apply_args(param, coef))
 
-    def linear_apply(self, param, x, dy, *, apply_decay=True):
+    def linear_apply(self, param, x, dy):
         if self.statistics == "materialize":
             x32, dy32 = x.to(torch.float32), dy.to(torch.float32)
-            self.dense_apply(param, dy32.t() @ x32, apply_decay=apply_decay)
+            self.dense_apply(param, dy32.t() @ x32)
         else:
-            self.linear_apply_recompute(param, x, dy, apply_decay=apply_decay)
+            self.linear_apply_recompute(param, x, dy)
 
-    def linear_apply_recompute(self, param, x, dy, *, apply_decay=True):
+    def linear_apply_recompute(self, param, x, dy):
         name, out_f, in_f = self._name(param), param.shape[0], param.shape[1]
         common = dict(loss_scale=self.loss_scale, clip_value=self.clip_grad_value, name=name)
         row_sums = torch.zeros(out_f, dtype=torch.float32, device=param.device)
@@ -187,11 +184,11 @@ class AdaLomo(FusedOptimizer):
         stats = torch.zeros(2, dtype=torch.float32, device=param.device)
         adalomo_stats.adalomo_scaled_sqnorm_(stats, param, x, dy, row_scale, col_scale, backend=self.backend, **common)
         coef = self.clip_coef * self.normalizer(coef_sq * stats[0].item(), param.numel())
-        args = self._apply_args(param, coef, apply_decay)
+        args = self._apply_args(param, coef)
         adalomo_stats.adalomo_linear_update_(param, x, dy, row_scale, col_scale, loss_scale=self.loss_scale,
                                              clip_value=self.clip_grad_value, **args)
 
-    def embedding_apply(self, param, indices, dy, padding_idx, *, apply_decay=True):
+    def embedding_apply(self, param, indices, dy, padding_idx):
         """Only the touched rows have a gradient: their fp32 rows (token-sized) stand for the whole
         gradient, whose other rows are zero; statistics and weight decay still cover every row."""
         name, vocab = self._name(param), param.shape[0]
@@ -204,7 +201,7 @@ class AdaLomo(FusedOptimizer):
         u = g.mul_(row_scale[rows, None]).mul_(col_scale)
         coef = self.normalizer(float(u.norm() ** 2), param.numel())
         # u's rows are distinct, so the embedding op applies each once (and decays the other rows).
-        ops.embedding_update_(param, rows, u, **self._apply_args(param, coef, apply_decay))
+        ops.embedding_update_(param, rows, u, **self._apply_args(param, coef))
 
     # --- checkpoints -------------------------------------------------------------------------------
 

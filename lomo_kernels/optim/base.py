@@ -1,10 +1,11 @@
 """``FusedOptimizer``: the machinery shared by ``Lomo`` and ``AdaLomo``.
 
-It patches the model (lomo_kernels.patch), so the update happens inside ``loss.backward()``, and
-runs LOMO's two-phase protocol when it is needed:
+It *holds* the model (lomo_kernels.routing): every use of a linear/embedding weight is routed so that
+the update happens inside the optimizer's backward pass, and runs LOMO's two-phase protocol when it
+is needed:
 
 * ``grad_norm(loss)``: a backward pass in norm-only mode. No weight is written and no gradient
-  tensor is kept; every fused site adds ``[‖g‖², count of non-finite entries]`` to a small device
+  tensor is kept; every held weight adds ``[‖g‖², count of non-finite entries]`` to a small device
   buffer, synced to the host once at the end. It keeps the graph for the second pass.
 * ``fused_backward(loss, lr)``: the backward pass that applies the (clipped) update.
 
@@ -17,44 +18,56 @@ When the norm phase finds a non-finite gradient the step is skipped as a whole: 
 touched, the fp16 loss scale (if any) is lowered, ``skipped_step`` is True and ``fused_backward``
 only frees the graph (a backward pass whose updates are no-ops).
 
-Per-parameter rules are small overridable methods, one per kind of site and phase:
+The hold ends with ``close()``, at the end of a ``with`` block, or when the optimizer is garbage
+collected; the model is then the plain model again. A backward over a held model that is not this
+optimizer's (``loss.backward()``) raises before any weight changes.
+
+Per-parameter rules are small overridable methods, one per kind of use and phase:
 ``linear_apply`` / ``embedding_apply`` / ``dense_apply`` (subclasses) and ``linear_norm`` /
 ``embedding_norm`` / ``dense_norm`` (here: the norm of ``g / loss_scale``, the same for every rule).
 """
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
+from torch.autograd.graph import _engine_run_backward
 
 from .. import ops
-from ..ops._common import ROUNDINGS, mix32_int
-from ..patch import check_no_stray_gradients, patch, unpatch
+from ..ops._common import BACKENDS, ROUNDINGS, mix32_int
+from ..routing import hold
+from . import _checks
 
 STATE_FORMAT = 1
 
 
 class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, defaults: dict, *, clip_grad_norm, clip_grad_value, backend: str,
-                 rounding: str | None, seed: int):
+                 rounding: str | None, seed: int, no_decay=()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
-        if clip_grad_norm is not None and not clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm should be positive, got {clip_grad_norm}.")
-        if clip_grad_value is not None and not clip_grad_value > 0:
-            raise ValueError(f"clip_grad_value should be positive, got {clip_grad_value}.")
+        defaults["lr"] = _checks.non_negative("lr", defaults["lr"])
+        self.clip_grad_norm = _checks.positive("clip_grad_norm", clip_grad_norm, optional=True)
+        self.clip_grad_value = _checks.positive("clip_grad_value", clip_grad_value, optional=True)
+        _checks.choice("backend", backend, BACKENDS)
         if rounding is not None and rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be None (bf16: stochastic, else nearest) or one of {ROUNDINGS}, got {rounding!r}")
-        if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if isinstance(no_decay, str):
+            raise TypeError(f"no_decay must be a collection of parameter names, got the string {no_decay!r}")
+        self.no_decay = frozenset(no_decay)
+        unknown = sorted(self.no_decay - trainable)
+        if unknown:
+            raise ValueError(f"no_decay names parameters that are not trainable parameters of the model: {unknown[:5]}")
         super().__init__(params, defaults)
         self.model = model
-        self.clip_grad_norm = clip_grad_norm
-        self.clip_grad_value = clip_grad_value
         self.backend = backend
         self.rounding = rounding
         self.seed = seed
@@ -72,7 +85,33 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.last_grad_norm: float | None = None
         self.skipped_step = False
         self.skipped_steps = 0
-        self.handle = patch(model, self)
+        self.updater = self              # where held weights' gradients go (``reroute`` changes it)
+        self.in_fused_backward = False
+        self.closed = False
+        self.held = hold(model, self)
+        self._release = weakref.finalize(self, self.held.release)  # garbage collection ends the hold too
+
+    def __repr__(self) -> str:
+        return f"lomo_kernels.{type(self).__name__}(lr={self.lr:g}) at {hex(id(self))}"
+
+    # --- the hold --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End the hold: the model is the plain model again (its weights as trained); this optimizer can
+        no longer train it. Idempotent."""
+        self._release()
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def reroute(self, updater) -> None:
+        """Send the held weights' gradients to ``updater`` instead of this optimizer's rules (an updater
+        that wraps it, e.g. the ZeRO-3 one, which maps each call onto the rank's shard)."""
+        self.updater = updater
 
     # --- scalars the subclasses' rules use -------------------------------------------------------
 
@@ -107,29 +146,29 @@ class FusedOptimizer(torch.optim.Optimizer):
             stats = self._norm_stats[param.device] = torch.zeros(2, dtype=torch.float32, device=param.device)
         return stats
 
-    # --- the Updater protocol (lomo_kernels.patch): dispatch on the phase --------------------------
+    def weight_decay_for(self, param: torch.Tensor) -> float:
+        """The rule's weight decay for ``param``: 0 for the names in ``no_decay``."""
+        return 0.0 if self._name(param) in self.no_decay else self.weight_decay
 
-    def linear(self, param, x, dy, *, apply_decay=True):
+    # --- the Updater protocol (lomo_kernels.routing): dispatch on the phase -------------------------
+
+    def linear(self, param, x, dy):
         if self.phase == "norm":
             self.linear_norm(param, x, dy)
         elif self.phase == "apply":
-            self.linear_apply(param, x, dy, apply_decay=apply_decay)
+            self.linear_apply(param, x, dy)
 
-    def embedding(self, param, indices, dy, padding_idx, *, apply_decay=True):
+    def embedding(self, param, indices, dy, padding_idx):
         if self.phase == "norm":
             self.embedding_norm(param, indices, dy, padding_idx)
         elif self.phase == "apply":
-            self.embedding_apply(param, indices, dy, padding_idx, apply_decay=apply_decay)
+            self.embedding_apply(param, indices, dy, padding_idx)
 
-    def dense(self, param, grad, *, apply_decay=True):
+    def dense(self, param, grad):
         if self.phase == "norm":
             self.dense_norm(param, grad)
         elif self.phase == "apply":
-            self.dense_apply(param, grad, apply_decay=apply_decay)
-
-    def sums_contributions(self) -> bool:
-        # A skipped step's backward only frees the graph: no tied-weight buffer needed.
-        return self.phase == "skip"
+            self.dense_apply(param, grad)
 
     def linear_norm(self, param, x, dy):
         ops.linear_grad_sqnorm_(self._stats_for(param), param, x, dy, loss_scale=self.loss_scale,
@@ -143,13 +182,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         ops.dense_grad_sqnorm_(self._stats_for(param), param, grad, loss_scale=self.loss_scale,
                                backend=self.backend, name=self._name(param))
 
-    def linear_apply(self, param, x, dy, *, apply_decay=True):
+    def linear_apply(self, param, x, dy):
         raise NotImplementedError
 
-    def embedding_apply(self, param, indices, dy, padding_idx, *, apply_decay=True):
+    def embedding_apply(self, param, indices, dy, padding_idx):
         raise NotImplementedError
 
-    def dense_apply(self, param, grad, *, apply_decay=True):
+    def dense_apply(self, param, grad):
         raise NotImplementedError
 
     # --- the protocol ----------------------------------------------------------------------------
@@ -157,20 +196,31 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_lr(self, lr):
         if lr is None:
             return self.lr
-        if isinstance(lr, torch.Tensor):
-            lr = lr.item()
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-        return float(lr)
+        return _checks.non_negative("lr", lr)
 
     def _backward(self, loss: torch.Tensor, retain_graph: bool) -> None:
+        if self.closed:
+            raise RuntimeError(f"{self!r} is closed: it no longer holds the model")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError("loss must be a one-element tensor")
+            raise ValueError(f"loss must be a one-element tensor, got {type(loss).__name__}"
+                             + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
         if not loss.requires_grad:
             raise ValueError("loss does not require grad: it was computed without autograd (torch.no_grad?)")
+        self.held.check_graph(loss)
         self._calls.clear()
-        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward(retain_graph=retain_graph)
-        check_no_stray_gradients(self.handle)
+        self.in_fused_backward = True
+        try:
+            scaled = loss * self.loss_scale if self.loss_scale != 1.0 else loss
+            # The router stays active inside the backward, where gradient checkpointing recomputes forwards.
+            # The engine is called directly: ``Tensor.backward`` is itself a torch function, and a mode's
+            # handler runs with the mode switched off.
+            with self.held.routing():
+                _engine_run_backward((scaled,), (torch.ones_like(scaled),), retain_graph, False, (),
+                                     allow_unreachable=True, accumulate_grad=True)
+        finally:
+            self.in_fused_backward = False
+            if not retain_graph:
+                self.held.end_step()
 
     def _run_phase(self, phase: str, loss: torch.Tensor, retain_graph: bool) -> None:
         self.phase = phase
@@ -242,15 +292,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No-op: fused parameters never hold a gradient."""
 
-    def unpatch(self) -> None:
-        """Restore the model's modules and hooks; this optimizer can no longer train it."""
-        unpatch(self.model)
-
-    def reroute(self, updater) -> None:
-        """Send the model's fused backward calls to ``updater`` instead of this optimizer (an updater that
-        wraps it, e.g. the ZeRO-3 one, which maps each call onto the rank's shard)."""
-        unpatch(self.model)
-        self.handle = patch(self.model, updater)
+    def unpatch(self) -> None:  # TODO(lead): remove once lomo_kernels/memory/methods.py calls close()
+        self.close()
 
     # --- checkpoints -----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from . import _checks
 from .base import FusedOptimizer
 from .loss_scaler import DynamicLossScaler
 
@@ -13,7 +14,8 @@ class Lomo(FusedOptimizer):
     """LOMO (Lv et al. 2023): ``W <- (1 - lr·wd)·W - lr·c·clamp(g / loss_scale, ±clip_grad_value)``.
 
     Same arguments and defaults as lomo-optim 0.1.1; ``backend``, ``rounding`` (None: stochastic for
-    bf16 weights, nearest otherwise) and ``seed`` are ours. Use::
+    bf16 weights, nearest otherwise), ``seed`` and ``no_decay`` (names of parameters without weight
+    decay) are ours. Use::
 
         opt = Lomo(model, lr=1e-3, clip_grad_norm=1.0)
         loss = model(**batch).loss
@@ -29,15 +31,15 @@ class Lomo(FusedOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, clip_grad_norm: float | None = None,
                  clip_grad_value: float | None = None, weight_decay: float = 0.0, loss_scale_args: dict | None = None,
-                 *, backend: str = "auto", rounding: str | None = None, seed: int = 0):
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        self.weight_decay = weight_decay
+                 *, backend: str = "auto", rounding: str | None = None, seed: int = 0, no_decay=()):
+        self.weight_decay = _checks.non_negative("weight_decay", weight_decay)
+        if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
+            raise TypeError(f"loss_scale_args must be None or a dict, got {loss_scale_args!r}")
         self.loss_scale_args = dict(loss_scale_args or {})
         super().__init__(model, dict(lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
                                      weight_decay=weight_decay),
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
-                         rounding=rounding, seed=seed)
+                         rounding=rounding, seed=seed, no_decay=no_decay)
         self.loss_scaler = DynamicLossScaler(**self.loss_scale_args) if self.checks_overflow else None
 
     @property
@@ -62,20 +64,17 @@ class Lomo(FusedOptimizer):
         if state is not None:
             self.loss_scaler.load_state_dict(state)
 
-    def sums_contributions(self) -> bool:
-        return super().sums_contributions() or (self.phase == "apply" and self.clip_grad_value is None)
-
-    def _rule(self, param: torch.Tensor, apply_decay: bool) -> dict:
-        return dict(lr=self.lr, weight_decay=self.weight_decay if apply_decay else 0.0, coef=self.clip_coef,
+    def _rule(self, param: torch.Tensor) -> dict:
+        return dict(lr=self.lr, weight_decay=self.weight_decay_for(param), coef=self.clip_coef,
                     loss_scale=self.loss_scale, clip_value=self.clip_grad_value,
                     rounding=self._rounding_for(param), seed=self._seed_for(param), backend=self.backend,
                     name=self._name(param))
 
-    def linear_apply(self, param, x, dy, *, apply_decay=True):
-        ops.linear_update_(param, x, dy, **self._rule(param, apply_decay))
+    def linear_apply(self, param, x, dy):
+        ops.linear_update_(param, x, dy, **self._rule(param))
 
-    def embedding_apply(self, param, indices, dy, padding_idx, *, apply_decay=True):
-        ops.embedding_update_(param, indices, dy, padding_idx=padding_idx, **self._rule(param, apply_decay))
+    def embedding_apply(self, param, indices, dy, padding_idx):
+        ops.embedding_update_(param, indices, dy, padding_idx=padding_idx, **self._rule(param))
 
-    def dense_apply(self, param, grad, *, apply_decay=True):
-        ops.dense_update_(param, grad, **self._rule(param, apply_decay))
+    def dense_apply(self, param, grad):
+        ops.dense_update_(param, grad, **self._rule(param))

@@ -1,0 +1,451 @@
+"""Route a model's weight *uses* through fused updates, whoever makes the call: ``hold(model, owner)``.
+
+A fused optimizer *holds* the weights of the model's ``nn.Linear``, Hugging Face ``Conv1D`` and
+``nn.Embedding`` modules (subclasses included). No module's ``forward`` is replaced. Instead a
+``TorchFunctionMode`` (``Router``) is active while a held model (or one of the modules owning a held
+weight) runs its forward, and during the optimizer's own backward passes (where gradient
+checkpointing recomputes forwards). It sees every torch call and routes those on a held weight:
+
+* ``F.linear(x, W, b)``, ``torch.addmm(b, x, W)`` (GPT-2's ``Conv1D``) -> ``FusedLinearFunction``;
+* ``F.embedding(idx, W, padding_idx)`` -> ``FusedEmbeddingFunction``;
+* any other differentiable use of a held weight (``x @ w.t()``, ``w.sum()``, an op the router does not
+  know) raises ``UnfusedUseError`` naming the parameter and the op, in the forward, before any weight
+  changes. A use the router never saw (a weight used outside every held module's forward) is found by
+  ``check_graph`` before a backward starts. Calls without autograd (``torch.no_grad``, generation,
+  ``state_dict``) pass through untouched, so a held model's forward is bitwise the plain model's.
+
+A weight used once in a step is updated in its use's backward, right after that use's input gradient
+(computed with the old weight). A weight used k > 1 times (tied embedding / LM head, a module called
+twice, a raw ``F.linear`` beside its module) keeps each use's ``(x, dy)`` (token-sized) until the last
+use's backward, then gets one fused update from the concatenated tokens: every use's input gradient
+saw the pre-step weight, and weight decay, value clipping, the norm phase and AdaLomo's statistics see
+the summed gradient. An embedding use joins a linear one as ``G = one_hot(idx)ᵀ·dy``. No weight-sized
+buffer exists. Uses are counted in the forward (recomputation inside a backward is not a new use);
+uses whose backward never runs are flushed when the backward ends.
+
+Every other trainable parameter (norms, biases, raw ``nn.Parameter`` tensors) is *dense*: autograd
+sums its uses, and a post-accumulate-grad hook applies the rule and frees the gradient at once.
+
+The hold keeps only a weak reference to its owner: when the optimizer is closed or garbage-collected
+the model is the plain model again. Any backward over a held model outside the owner's
+``fused_backward``/``grad_norm`` raises before any weight changes.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .autograd import FusedEmbeddingFunction, FusedLinearFunction
+
+try:  # transformers is optional at import time
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except Exception:  # pragma: no cover - transformers missing or broken
+    _HFConv1D = None
+
+
+class UnfusedUseError(RuntimeError):
+    """A held weight was used by an op that cannot be fused (raised before any weight changes)."""
+
+
+class Updater(Protocol):
+    """What a hold sends each held weight's (summed) gradient to: the optimizer's rule, or a wrapper."""
+
+    def linear(self, param: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> None:
+        """Update ``param`` [out, in] from ``G = dyᵀ x`` (x [T, in], dy [T, out]), or add to its norm."""
+
+    def embedding(self, param: torch.Tensor, indices: torch.Tensor, dy: torch.Tensor,
+                  padding_idx: int | None) -> None:
+        """Update the rows of ``param`` that ``indices`` touch (or add their gradient's norm)."""
+
+    def dense(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Update ``param`` from a materialized gradient of its own (small) size (or add its norm)."""
+
+
+class Owner(Protocol):
+    """The fused optimizer a hold belongs to."""
+    updater: Updater            # where gradients go (the optimizer itself, or e.g. the ZeRO-3 wrapper)
+    in_fused_backward: bool     # True while its own backward pass runs
+
+
+def _not_in_backward() -> bool:
+    return torch._C._current_graph_task_id() == -1
+
+
+def _name_of(func) -> str:
+    """``Tensor.t``, ``Tensor.T`` (a property), ``torch.matmul``: how the user wrote the op."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    if name.endswith("__get__") and hasattr(getattr(func, "__self__", None), "__name__"):
+        return f"Tensor.{func.__self__.__name__}"
+    if name.startswith("TensorBase."):
+        return "Tensor." + name[len("TensorBase."):]
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}" if module and "." not in name else name
+
+
+class WeightSite:
+    """One held weight: counts its uses in the forward and turns their backwards into one update."""
+
+    def __init__(self, name: str, param: nn.Parameter, hold: "Hold"):
+        self.name, self.param, self.hold = name, param, hold
+        self.forward_uses = 0   # routed uses recorded since the last applying backward
+        self.pending: list[tuple] = []   # contributions of uses whose backward already ran
+        self.updated = False    # updated in the backward now running
+
+    def note_use(self) -> None:
+        if _not_in_backward():  # a recomputation (gradient checkpointing) is not a new use
+            self.forward_uses += 1
+
+    # contributions: ("linear", x, dy) with G = dyᵀ x; ("embedding", indices, dy, padding_idx)
+    def linear_done(self, x: torch.Tensor, dy: torch.Tensor) -> None:
+        self._done(("linear", x, dy))
+
+    def embedding_done(self, indices: torch.Tensor, dy: torch.Tensor, padding_idx: int | None) -> None:
+        self._done(("embedding", indices, dy, padding_idx))
+
+    def _done(self, contribution: tuple) -> None:
+        hold = self.hold
+        updater = hold.updater_in_backward(self.name)
+        hold.note_backward()
+        if self.updated:
+            raise RuntimeError(f"parameter {self.name!r} got another use's gradient after its update in this "
+                               "backward pass (its uses were not all seen in the forward: reentrant gradient "
+                               "checkpointing of a shared weight is not supported; use use_reentrant=False)")
+        self.pending.append(contribution)
+        if len(self.pending) >= self.forward_uses:
+            self.flush(updater)
+
+    def flush(self, updater: Updater) -> None:
+        parts, self.pending = self.pending, []
+        if not parts:
+            return
+        self.updated = True
+        _apply(updater, self.param, parts)
+
+
+def _apply(updater: Updater, param: torch.Tensor, parts: list[tuple]) -> None:
+    """Send the sum of the uses' gradients to ``updater`` as one call."""
+    if len(parts) == 1:
+        kind, *args = parts[0]
+        (updater.linear if kind == "linear" else updater.embedding)(param, *args)
+        return
+    if all(kind == "embedding" for kind, *_ in parts):
+        idx, rows = zip(*(_embedding_rows(*args) for _, *args in parts))
+        updater.embedding(param, torch.cat(idx), torch.cat(rows), None)
+        return
+    xs, dys = [], []
+    for kind, *args in parts:
+        if kind == "linear":
+            x, dy = args
+        else:  # G_emb = one_hot(idx)ᵀ · dy: an embedding use in the linear form (token × vocab, like logits)
+            idx, dy_rows = _embedding_rows(*args)
+            x, dy = dy_rows, F.one_hot(idx, param.shape[0]).to(dy_rows.dtype)
+        xs.append(x)
+        dys.append(dy)
+    dtype = xs[0].dtype
+    for t in xs + dys:
+        dtype = torch.promote_types(dtype, t.dtype)
+    updater.linear(param, torch.cat([x.to(dtype) for x in xs]), torch.cat([dy.to(dtype) for dy in dys]))
+
+
+def _embedding_rows(indices, dy, padding_idx):
+    idx, rows = indices.reshape(-1), dy.reshape(-1, dy.shape[-1])
+    if padding_idx is not None:
+        keep = idx != padding_idx
+        idx, rows = idx[keep], rows[keep]
+    return idx, rows
+
+
+# --- the router ------------------------------------------------------------------------------------
+
+def _arg(args, kwargs, index, name, default=None):
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+class Router(TorchFunctionMode):
+    """Routes every torch call on a held weight (see the module doc). Entered while a held model's
+    forward or its owner's backward runs; nested entries are counted, not stacked."""
+
+    def __init__(self, hold: "Hold"):
+        super().__init__()
+        self.hold = hold
+        self.depth = 0
+
+    def enter(self) -> None:
+        if self.depth == 0:
+            self.__enter__()
+        self.depth += 1
+
+    def exit(self) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        site = self.hold.site_in(args, kwargs)
+        if site is None:
+            return func(*args, **kwargs)
+        if func is F.linear and _arg(args, kwargs, 1, "weight") is site.param:
+            return self._linear(site, args, kwargs)
+        if func is F.embedding and _arg(args, kwargs, 1, "weight") is site.param:
+            return self._embedding(site, args, kwargs)
+        if func is torch.addmm and _arg(args, kwargs, 2, "mat2") is site.param \
+                and _arg(args, kwargs, 3, "beta", 1) == 1 and _arg(args, kwargs, 4, "alpha", 1) == 1:
+            return self._addmm(site, args, kwargs)
+        out = func(*args, **kwargs)
+        if torch.is_grad_enabled() and site.param.requires_grad and self._differentiable(out):
+            raise UnfusedUseError(
+                f"parameter {site.name!r} is held by a fused optimizer, but `{_name_of(func)}` uses it, which "
+                "cannot be fused (only F.linear, F.embedding and Conv1D's addmm can): its gradient would be "
+                "built and then lost. No weight was changed. Rewrite the use as F.linear/F.embedding, or "
+                "set requires_grad=False on it (or exclude the module) before creating the optimizer.")
+        return out
+
+    def _differentiable(self, out) -> bool:
+        if isinstance(out, torch.Tensor):
+            return out.requires_grad and self.hold.sites.get(id(out)) is None  # `w.to(w.dtype)` is w itself
+        if isinstance(out, (list, tuple)):
+            return any(self._differentiable(o) for o in out)
+        return False
+
+    @staticmethod
+    def _linear(site, args, kwargs):
+        x, weight, bias = _arg(args, kwargs, 0, "input"), site.param, _arg(args, kwargs, 2, "bias")
+        if not torch.is_grad_enabled() or not weight.requires_grad:
+            return F.linear(x, weight, bias)
+        site.note_use()
+        return FusedLinearFunction.apply(x, weight, bias, site, False)
+
+    @staticmethod
+    def _addmm(site, args, kwargs):
+        bias, x, weight = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat1"), site.param
+        if not torch.is_grad_enabled() or not weight.requires_grad:
+            return torch.addmm(bias, x, weight)
+        site.note_use()
+        return FusedLinearFunction.apply(x, weight, bias, site, True)
+
+    @staticmethod
+    def _embedding(site, args, kwargs):
+        indices, weight = _arg(args, kwargs, 0, "input"), site.param
+        padding_idx = _arg(args, kwargs, 2, "padding_idx")
+        if not torch.is_grad_enabled() or not weight.requires_grad:
+            return F.embedding(*args, **kwargs)
+        unsupported = [name for i, name in ((3, "max_norm"), (5, "scale_grad_by_freq"), (6, "sparse"))
+                       if _arg(args, kwargs, i, name)]
+        if unsupported:
+            raise UnfusedUseError(f"parameter {site.name!r}: F.embedding with {', '.join(unsupported)} cannot be "
+                                  "fused (no weight was changed)")
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += weight.shape[0]
+        site.note_use()
+        return FusedEmbeddingFunction.apply(indices, weight, padding_idx, site)
+
+
+# --- the hold ----------------------------------------------------------------------------------------
+
+def _fused_modules(model: nn.Module):
+    """(module name, module, kind) of the modules whose weight a fused optimizer holds."""
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+            continue
+        if isinstance(module, nn.Linear) or (_HFConv1D is not None and isinstance(module, _HFConv1D)):
+            yield name, module, "linear"
+        elif isinstance(module, nn.Embedding):
+            unsupported = [attr for attr, bad in (("max_norm", module.max_norm is not None),
+                                                  ("scale_grad_by_freq", module.scale_grad_by_freq),
+                                                  ("sparse", module.sparse)) if bad]
+            if unsupported:
+                raise ValueError(f"embedding {name!r} uses {', '.join(unsupported)}, which fused updates do not "
+                                 "support")
+            yield name, module, "embedding"
+
+
+class Hold:
+    """What a fused optimizer holds of a model; ``release()`` gives the plain model back exactly."""
+
+    def __init__(self, model: nn.Module, owner: Owner):
+        existing: Hold | None = model.__dict__.get("_lomo_hold")
+        if existing is not None:
+            holder = existing.owner
+            if holder is not None:
+                raise RuntimeError(f"model is already held by {holder!r}; call its close() (or leave its `with` "
+                                   "block) before attaching another fused optimizer")
+            existing.release()  # its owner is gone
+        names = {id(p): n for n, p in model.named_parameters()}
+        if not names or not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
+        self._model = weakref.ref(model)
+        self._owner = weakref.ref(owner)
+        self.router = Router(self)
+        self.sites: dict[int, WeightSite] = {}
+        self.module_uses: dict[int, int] = {}  # id(param) -> number of fused modules owning it (static ties)
+        self.dense: dict[str, nn.Parameter] = {}
+        self._handles: list = []
+        self._end_queued = False
+        hooked_modules = [model]
+        for _, module, _kind in _fused_modules(model):
+            weight = module.weight
+            if id(weight) not in self.sites:
+                self.sites[id(weight)] = WeightSite(names[id(weight)], weight, self)
+                hooked_modules.append(module)
+            self.module_uses[id(weight)] = self.module_uses.get(id(weight), 0) + 1
+        for module in hooked_modules:
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._exit, always_call=True))
+        for name, param in model.named_parameters():
+            if param.requires_grad and id(param) not in self.sites:
+                self.dense[name] = param
+                self._handles.append(param.register_post_accumulate_grad_hook(self._dense_hook(name)))
+        model.__dict__["_lomo_hold"] = self
+
+    # --- ownership -----------------------------------------------------------------------------------
+
+    @property
+    def owner(self) -> Owner | None:
+        return self._owner()
+
+    @property
+    def shared_weights(self) -> list[str]:
+        """Held weights owned by more than one fused module (tied embeddings / LM heads)."""
+        return [site.name for key, site in self.sites.items() if self.module_uses[key] > 1]
+
+    def release(self) -> None:
+        """Remove every hook; the model is the plain model again (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        while self.router.depth > 0:
+            self.router.exit()
+        model = self._model()
+        if model is not None and model.__dict__.get("_lomo_hold") is self:
+            del model.__dict__["_lomo_hold"]
+
+    # --- forward -------------------------------------------------------------------------------------
+
+    def _enter(self, module, args):
+        self.router.enter()
+
+    def _exit(self, module, args, output):
+        self.router.exit()
+
+    def site_in(self, args, kwargs) -> WeightSite | None:
+        """The site of the first held weight among a call's arguments (one level into lists), if any."""
+        sites = self.sites
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                site = sites.get(id(value))
+                if site is not None and site.param is value:
+                    return site
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    site = sites.get(id(item)) if isinstance(item, torch.Tensor) else None
+                    if site is not None and site.param is item:
+                        return site
+        return None
+
+    # --- backward ------------------------------------------------------------------------------------
+
+    def updater_in_backward(self, name: str) -> Updater:
+        """The owner's updater, or an error (before any write) when this backward is not the owner's."""
+        owner = self.owner
+        if owner is None:
+            raise RuntimeError(f"parameter {name!r}: the fused optimizer holding this model is gone")
+        if not owner.in_fused_backward:
+            raise RuntimeError(f"parameter {name!r} is held by {owner!r}: run the backward with its "
+                               "fused_backward(loss, lr) (a plain loss.backward() or autograd.grad cannot apply "
+                               "its update). No weight was changed by this backward.")
+        return owner.updater
+
+    def note_backward(self) -> None:
+        """Queue the end-of-backward flush once per backward pass."""
+        if not self._end_queued:
+            self._end_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._end_queued = False
+        owner = self.owner
+        for site in self.sites.values():
+            if site.pending:  # uses whose backward did not run (outputs that did not reach the loss)
+                site.flush(owner.updater)
+            site.updated = False
+
+    def end_step(self) -> None:
+        """After a backward that consumed the graph: the next forward's uses are counted afresh."""
+        for site in self.sites.values():
+            site.forward_uses = 0
+            site.pending.clear()
+            site.updated = False
+
+    def _dense_hook(self, name: str):
+        def hook(param: torch.Tensor) -> None:
+            updater = self.updater_in_backward(name)
+            grad, param.grad = param.grad, None
+            with torch.no_grad():
+                updater.dense(param, grad)
+        return hook
+
+    def check_graph(self, loss: torch.Tensor) -> None:
+        """Raise if a held weight reaches ``loss`` other than through a fused Function (a use the router
+        never saw: e.g. ``loss + w.square().sum()`` outside the model's forward). Runs before a backward."""
+        root = loss.grad_fn
+        if root is None:
+            return
+        fused = (FusedLinearFunction._backward_cls, FusedEmbeddingFunction._backward_cls)
+        seen, stack = {root}, [root]
+        while stack:
+            node = stack.pop()
+            skip_weight = isinstance(node, fused)
+            for index, (child, _) in enumerate(node.next_functions):
+                if child is None or child in seen:
+                    continue
+                variable = getattr(child, "variable", None)
+                if variable is not None:
+                    site = self.sites.get(id(variable))
+                    if site is not None and site.param is variable and not (skip_weight and index == 1):
+                        raise UnfusedUseError(
+                            f"parameter {site.name!r} is held by a fused optimizer but reaches the loss through "
+                            f"`{type(node).__name__}`, outside any routed F.linear/F.embedding call; its gradient "
+                            "cannot be fused. No weight was changed.")
+                    continue  # an AccumulateGrad: a leaf, and another use of it may still be checked
+                seen.add(child)
+                stack.append(child)
+
+    def routing(self):
+        """Context manager: route calls during a backward (gradient checkpointing recomputes forwards)."""
+        return _Routing(self.router)
+
+
+class _Routing:
+    def __init__(self, router: Router):
+        self.router = router
+
+    def __enter__(self):
+        self.router.enter()
+
+    def __exit__(self, *exc):
+        self.router.exit()
+
+
+def hold(model: nn.Module, owner: Owner) -> Hold:
+    """Hold ``model``'s weights for ``owner`` (a fused optimizer); see the module doc."""
+    return Hold(model, owner)
+
+
+def release(model: nn.Module) -> None:
+    """Drop any fused optimizer's hold on ``model`` (the optimizer can no longer train it)."""
+    existing: Hold | None = model.__dict__.get("_lomo_hold")
+    if existing is not None:
+        owner = existing.owner
+        if owner is not None and hasattr(owner, "close"):
+            owner.close()
+        else:
+            existing.release()
