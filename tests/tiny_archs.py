@@ -18,9 +18,6 @@ Nothing is downloaded: configs are built from their classes, models from those c
 from __future__ import annotations
 
 import copy
-import importlib
-import inspect
-import math
 import warnings
 
 import torch
@@ -612,8 +609,9 @@ def weight_uses(model, batch, min_dim: int = 2) -> dict:
 def weight_use_notes(model, batch) -> list[str]:
     """Short notes on what is unusual, for the fused optimizer, about how ``model`` uses its weights:
     tied weights, nn.Embedding / nn.Linear subclasses with their own ``forward``, weights of 2+ dims
-    used other than through F.linear / F.embedding (grouped parameters name their layer as ``N``), and
-    weights of 2+ dims the forward does not use at all."""
+    used other than through F.linear / F.embedding (grouped parameters name their layer as ``N``),
+    weights that one forward passes to F.linear / F.embedding more than once (a module called several
+    times), and weights of 2+ dims the forward does not use at all."""
     import collections
     import re
 
@@ -633,18 +631,25 @@ def weight_use_notes(model, batch) -> list[str]:
                 subs[f"{base.__name__} subclass {type(mod).__name__}"] += 1
     notes += [f"{k} (own forward) x{v}" for k, v in sorted(subs.items())]
     groups: dict = {}
+    reused: dict = {}
     unused = []
     for n, u in weight_uses(model, batch).items():
         g = re.sub(r"\.\d+\.", ".N.", n)
         if not u:
             unused.append(g)
             continue
+        for op in ("linear", "embedding"):
+            if u.get(op, 0) > 1:
+                reused.setdefault(g, set()).add(f"{op} x{u[op]}")
         other = {k: v for k, v in u.items() if k not in ("linear", "embedding")}
         if other:
             groups.setdefault(g, set()).update(other)
     if groups:
         notes.append("non-F.linear/F.embedding uses: " + "; ".join(
             f"{g} [{', '.join(sorted(ops))}]" for g, ops in groups.items()))
+    if reused:
+        notes.append("used several times per forward: " + "; ".join(
+            f"{g} [{', '.join(sorted(ops))}]" for g, ops in reused.items()))
     if unused:
         notes.append(f"unused by a text-only forward: {len(set(unused))} weight group(s), e.g. {sorted(set(unused))[0]}")
     return notes

@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Write docs/architectures.md: which causal-LM architectures of the installed transformers work.
+
+    .venv/bin/python scripts/architecture_table.py              # the sweep if it exists, else build-only
+    .venv/bin/python scripts/architecture_table.py --build-only # tiny build + forward + backward only
+
+The sweep is ``tests.test_architecture_sweep:sweep_results`` (``--sweep MODULE:FUNCTION`` for another):
+a function of no arguments returning one dict per architecture, ``{"model_type", "status": "ok" |
+"skipped" | "failed", "reason", "max_rel_err_lomo", "max_rel_err_adalomo"}``. Without that module the
+table comes from the build-only check of tests/tiny_archs.py (a tiny random model of each type is built,
+runs forward with labels to a finite loss and backpropagates). Either way every row also gets notes on
+how that architecture uses its weights (tied weights, embedding/linear subclasses with their own
+forward, weights used other than through F.linear/F.embedding, weights a text-only forward leaves
+unused), unless ``--no-notes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SWEEP = "tests.test_architecture_sweep:sweep_results"
+DEFAULT_OUT = os.path.join(REPO, "docs", "architectures.md")
+
+
+def _setup_env():
+    sys.path.insert(0, REPO)
+    import torch
+
+    if not torch.cuda.is_available():  # as tests/conftest.py: Triton kernels run under the interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+
+
+def load_sweep(spec: str):
+    """The sweep function named by ``spec`` (``module:function``), or None if the module does not exist.
+    A module that exists but fails to import is an error, not a fallback."""
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            return None
+        raise
+    return getattr(mod, fn_name or "sweep_results")
+
+
+def build_only_results() -> list[dict]:
+    """Build, forward with labels, backward for every model type (tests/tiny_archs.py)."""
+    import torch
+
+    from tests.tiny_archs import ArchSkip, build_tiny, causal_lm_model_types
+
+    rows = []
+    for mt in causal_lm_model_types():
+        t0 = time.perf_counter()
+        row = {"model_type": mt, "status": "ok", "reason": "", "max_rel_err_lomo": None,
+               "max_rel_err_adalomo": None}
+        try:
+            model, batch = build_tiny(mt)
+            loss = model(**batch).loss
+            if loss is None or not math.isfinite(loss.item()):
+                raise RuntimeError(f"loss is {loss}")
+            loss.backward()
+            if not any(p.grad is not None for p in model.parameters()):
+                raise RuntimeError("no parameter received a gradient")
+            n = sum(p.numel() for p in model.parameters())
+            row["reason"] = f"{n / 1e3:.0f} k params, loss {loss.item():.2f}"
+        except ArchSkip as e:
+            row.update(status="skipped", reason=str(e))
+        except Exception as e:  # noqa: BLE001 - a failure is a row of the table
+            row.update(status="failed", reason=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"{row['status']:8s} {mt:28s} {row['seconds']:5.2f}s {row['reason'][:90]}", file=sys.stderr)
+    return rows
+
+
+def notes_for(model_type: str) -> str:
+    from tests.tiny_archs import ArchSkip, build_tiny, weight_use_notes
+
+    try:
+        model, batch = build_tiny(model_type)
+        return "; ".join(weight_use_notes(model, batch))
+    except ArchSkip:
+        return ""
+    except Exception as e:  # noqa: BLE001
+        return f"(notes unavailable: {type(e).__name__})"
+
+
+def _fmt_err(x) -> str:
+    if x is None:
+        return "-"
+    try:
+        return f"{float(x):.1e}"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _cell(s) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ").strip()
+
+
+def render(rows: list[dict], source: str, notes: dict | None) -> str:
+    import torch
+    import transformers
+
+    counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
+    sweep = source != "build-only"
+    today = datetime.date.today().isoformat()
+    lines = [
+        "# Architectures",
+        "",
+        f"Causal-LM architectures of **transformers {transformers.__version__}** (torch {torch.__version__}), "
+        f"every `model_type` in its `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, each as a tiny random model built "
+        f"by `tests/tiny_archs.py` (hidden 64, 2-4 layers, vocabulary 256, CPU, fp32). Generated {today}.",
+        "",
+        f"Source: {'`' + source + '`' if sweep else 'build-only check (`tests.test_architecture_sweep` does not exist yet): build, forward with labels (finite loss), backward'}.",
+        "",
+        f"**{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed** of {len(rows)}.",
+        "",
+        "Regenerate: `.venv/bin/python scripts/architecture_table.py` "
+        "(`--build-only` for the build check alone, `--no-notes` to skip the weight-use notes).",
+        "",
+    ]
+    if notes is not None:
+        lines += [
+            "Notes say how each model uses its weights, recorded during one forward with a "
+            "`TorchFunctionMode` (`tests.tiny_archs.weight_uses`): tied parameters; `nn.Embedding` / "
+            "`nn.Linear` subclasses with their own `forward`; weights of 2+ dims that reach a torch "
+            "function other than `F.linear` / `F.embedding` (the functions that received the parameter "
+            "itself, so `w.t()` shows as `t` or `transpose` and MoE expert tensors as `transpose` / "
+            "`bmm` / `_grouped_mm`; `N` stands for the layer index); weights a text-only forward leaves "
+            "unused (vision/audio towers, cross-attention of decoder-only BART-style models).",
+            "",
+        ]
+    header = "| architecture | status | " + ("max rel. error (Lomo / AdaLomo) or reason" if sweep else "details / reason")
+    header += " | notes |" if notes is not None else " |"
+    lines.append(header)
+    lines.append("|---|---|---|" + ("---|" if notes is not None else ""))
+    for r in sorted(rows, key=lambda r: r["model_type"]):
+        status = r.get("status", "?")
+        errs = (r.get("max_rel_err_lomo"), r.get("max_rel_err_adalomo"))
+        if sweep and (status == "ok" or any(e is not None for e in errs)):
+            detail = f"{_fmt_err(errs[0])} / {_fmt_err(errs[1])}"
+            if r.get("reason"):
+                detail += f" ({r['reason']})"
+        else:
+            detail = r.get("reason") or ""
+        line = f"| `{r['model_type']}` | {status} | {_cell(detail)} |"
+        if notes is not None:
+            line += f" {_cell(notes.get(r['model_type'], ''))} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sweep", default=DEFAULT_SWEEP, help="MODULE:FUNCTION returning the sweep rows")
+    ap.add_argument("--build-only", action="store_true", help="ignore the sweep; build/forward/backward only")
+    ap.add_argument("--no-notes", action="store_true", help="leave out the weight-use notes column")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="Markdown file to write (default docs/architectures.md)")
+    args = ap.parse_args(argv)
+    _setup_env()
+
+    t0 = time.perf_counter()
+    fn = None if args.build_only else load_sweep(args.sweep)
+    if fn is None:
+        if not args.build_only:
+            print(f"{args.sweep.partition(':')[0]} does not exist: build-only table", file=sys.stderr)
+        rows, source = build_only_results(), "build-only"
+    else:
+        rows, source = list(fn()), args.sweep
+    notes = None
+    if not args.no_notes:
+        notes = {r["model_type"]: notes_for(r["model_type"]) for r in rows if r.get("status") != "skipped"}
+    text = render(rows, source, notes)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
+    print(f"wrote {args.out}: {counts} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        sys.exit(2)
