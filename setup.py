@@ -9,6 +9,12 @@ Environment:
     LOMO_CUDA_ARCHS="80;90"  CUDA architectures (default: 80;86;89;90)
     LOMO_BUILD_JOBS=N        parallel compile jobs (default: the CPU count)
     LOMO_REQUIRE_EXTENSION=1 fail the install when the extension does not build (for CI)
+
+Dependencies are computed here (pyproject.toml declares them dynamic): torch is pinned to the
+major.minor of the torch this build compiles ``_C`` against (``torch>=2.13,<2.14`` for 2.13.0), since
+a C++ extension is not ABI-compatible across torch minor versions; at run time
+``lomo_kernels.backends`` also refuses the ``cpu``/``cuda`` backends, naming both versions, if
+another torch was installed over it afterwards.
 """
 from __future__ import annotations
 
@@ -22,6 +28,28 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+# Every third-party package a public entry point imports (lomo_kernels, the CLI, LomoTrainer).
+RUNTIME_DEPENDENCIES = [
+    "transformers>=4.56",   # from_pretrained(dtype=...)
+    "accelerate>=1.1.0",    # transformers.Trainer, hence LomoTrainer
+    "safetensors",
+    "numpy>=1.17",          # the training data pipeline
+    "tqdm",
+    "pyyaml",               # train --config FILE.yaml
+    "matplotlib",           # the loss-curve plot
+]
+
+
+def torch_requirement() -> str:
+    """``torch>=X.Y,<X.(Y+1)`` for the torch importable by this build (the one ``_C`` compiles against)."""
+    try:
+        import torch
+    except ImportError:  # no torch to build against: no extension either, any recent torch will do
+        return "torch>=2.4"
+    major, minor = (int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
 
 
 class CMakeExtension(Extension):
@@ -72,4 +100,5 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
 
 
-setup(ext_modules=[CMakeExtension("lomo_kernels._C")], cmdclass={"build_ext": CMakeBuild})
+setup(ext_modules=[CMakeExtension("lomo_kernels._C")], cmdclass={"build_ext": CMakeBuild},
+      install_requires=[torch_requirement(), *RUNTIME_DEPENDENCIES])

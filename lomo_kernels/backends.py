@@ -9,6 +9,10 @@
 All backends implement the same semantics (lomo_kernels.ops._common) and are tested against the
 reference, so the choice changes speed, not results beyond float rounding. Asking for a backend
 that is not available raises; it never silently falls back.
+
+``cpu``/``cuda`` are unavailable (and ``lomo_kernels._C`` is never imported) when the running torch
+is not the major.minor the extension was built against (the wheel pins it; see
+``torch_build_mismatch``): ``available_backends()`` names both versions.
 """
 from __future__ import annotations
 
@@ -38,9 +42,47 @@ _MODULES = {
 }
 
 
+def torch_build_mismatch() -> str:
+    """Why ``lomo_kernels._C`` must not be loaded with the torch running here ("" if it may).
+
+    The installed distribution's metadata pins torch to the major.minor ``_C`` was compiled against
+    (``torch>=X.Y,<X.Y+1``, computed by setup.py at build time); a C++ extension is not ABI-compatible
+    across torch minor versions, so loading it under another torch could crash instead of failing."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        requires = distribution("lomo_kernels").requires or []
+    except PackageNotFoundError:  # a source tree that was never installed: nothing recorded
+        return ""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # packaging comes with transformers; without it, do not guess
+        return ""
+    for text in requires:
+        req = Requirement(text)
+        if req.name != "torch" or req.marker is not None:
+            continue
+        lower = [spec.version for spec in req.specifier if spec.operator == ">="]
+        if not lower or not any(spec.operator == "<" for spec in req.specifier):
+            return ""  # not a build pin (built without torch, hence without _C)
+        running = torch.__version__.split("+")[0]
+        if req.specifier.contains(running, prereleases=True):
+            return ""
+        built = ".".join(lower[0].split(".")[:2])
+        return (f"lomo_kernels._C was built against torch {built}, but torch {torch.__version__} is installed; "
+                f"it is not loaded (a C++ extension is not ABI-compatible across torch minor versions). "
+                f"Install torch {built}.* again, or rebuild lomo_kernels against this torch "
+                f"(pip install --no-build-isolation --force-reinstall --no-deps <lomo_kernels source>)")
+    return ""
+
+
 def _probe(name: str) -> BackendInfo:
     if name == "torch":
         return BackendInfo(True, f"torch {torch.__version__}")
+    if name in ("cpu", "cuda"):
+        mismatch = torch_build_mismatch()
+        if mismatch:
+            return BackendInfo(False, mismatch)
     try:
         module = importlib.import_module(_MODULES[name])
     except Exception as exc:  # an ImportError or a broken build: report it, do not crash the import
