@@ -6,7 +6,8 @@
 
 The sweep is ``tests.test_architecture_sweep:sweep_results`` (``--sweep MODULE:FUNCTION`` for another):
 a function of no arguments returning one dict per architecture, ``{"model_type", "status": "ok" |
-"skipped" | "failed", "reason", "max_rel_err_lomo", "max_rel_err_adalomo"}``. Without that module the
+"skipped" | "failed" | (any other, e.g. "refused"), "reason", "max_rel_err_lomo", "max_rel_err_adalomo"}``
+(``lomo_err`` / ``adalomo_err`` are read as the two errors too). Without that module the
 table comes from the build-only check of tests/tiny_archs.py (a tiny random model of each type is built,
 runs forward with labels to a finite loss and backpropagates). Either way every row also gets notes on
 how that architecture uses its weights (tied weights, embedding/linear subclasses with their own
@@ -32,7 +33,10 @@ DEFAULT_OUT = os.path.join(REPO, "docs", "architectures.md")
 
 
 def _setup_env():
+    # tests/ as pytest puts it on sys.path (the sweep imports `tiny_archs`), and the repository root
+    # (for `tests.test_architecture_sweep`)
     sys.path.insert(0, REPO)
+    sys.path.insert(0, os.path.join(REPO, "tests"))
     import torch
 
     if not torch.cuda.is_available():  # as tests/conftest.py: Triton kernels run under the interpreter
@@ -61,7 +65,7 @@ def build_only_results() -> list[dict]:
     """Build, forward with labels, backward for every model type (tests/tiny_archs.py)."""
     import torch
 
-    from tests.tiny_archs import ArchSkip, build_tiny, causal_lm_model_types
+    from tiny_archs import ArchSkip, build_tiny, causal_lm_model_types
 
     rows = []
     for mt in causal_lm_model_types():
@@ -89,7 +93,7 @@ def build_only_results() -> list[dict]:
 
 
 def notes_for(model_type: str) -> str:
-    from tests.tiny_archs import ArchSkip, build_tiny, weight_use_notes
+    from tiny_archs import ArchSkip, build_tiny, weight_use_notes
 
     try:
         model, batch = build_tiny(model_type)
@@ -109,6 +113,16 @@ def _fmt_err(x) -> str:
         return str(x)
 
 
+def _first(row: dict, *keys):
+    return next((row[k] for k in keys if row.get(k) is not None), None)
+
+
+def _counts(rows: list[dict]) -> dict:
+    """Rows per status: ok, skipped, failed first (always), then any other status the sweep uses."""
+    order = ["ok", "skipped", "failed"] + sorted({r.get("status", "?") for r in rows} - {"ok", "skipped", "failed"})
+    return {s: sum(r.get("status", "?") == s for r in rows) for s in order}
+
+
 def _cell(s) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ").strip()
 
@@ -117,7 +131,7 @@ def render(rows: list[dict], source: str, notes: dict | None) -> str:
     import torch
     import transformers
 
-    counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
+    counts = _counts(rows)
     sweep = source != "build-only"
     today = datetime.date.today().isoformat()
     lines = [
@@ -129,7 +143,7 @@ def render(rows: list[dict], source: str, notes: dict | None) -> str:
         "",
         f"Source: {'`' + source + '`' if sweep else 'build-only check (`tests.test_architecture_sweep` does not exist yet): build, forward with labels (finite loss), backward'}.",
         "",
-        f"**{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed** of {len(rows)}.",
+        "**" + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"** of {len(rows)}.",
         "",
         "Regenerate: `.venv/bin/python scripts/architecture_table.py` "
         "(`--build-only` for the build check alone, `--no-notes` to skip the weight-use notes).",
@@ -152,7 +166,7 @@ def render(rows: list[dict], source: str, notes: dict | None) -> str:
     lines.append("|---|---|---|" + ("---|" if notes is not None else ""))
     for r in sorted(rows, key=lambda r: r["model_type"]):
         status = r.get("status", "?")
-        errs = (r.get("max_rel_err_lomo"), r.get("max_rel_err_adalomo"))
+        errs = (_first(r, "max_rel_err_lomo", "lomo_err"), _first(r, "max_rel_err_adalomo", "adalomo_err"))
         if sweep and (status == "ok" or any(e is not None for e in errs)):
             detail = f"{_fmt_err(errs[0])} / {_fmt_err(errs[1])}"
             if r.get("reason"):
@@ -190,9 +204,9 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
-    counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
+    counts = _counts(rows)
     print(f"wrote {args.out}: {counts} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return 1 if counts["failed"] else 0
+    return 1 if counts.get("failed") else 0
 
 
 if __name__ == "__main__":

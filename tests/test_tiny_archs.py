@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.tiny_archs import ArchSkip, build_tiny, causal_lm_model_types, make_batch, sgd_reference_steps
+from tiny_archs import ArchSkip, build_tiny, causal_lm_model_types, make_batch, sgd_reference_steps
 
 MODEL_TYPES = causal_lm_model_types()
 MIN_BUILDING = 60
