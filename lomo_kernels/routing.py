@@ -21,7 +21,7 @@ use's backward, then gets one fused update from the concatenated tokens: every u
 saw the pre-step weight, and weight decay, value clipping, the norm phase and AdaLomo's statistics see
 the summed gradient. An embedding use joins a linear one as ``G = one_hot(idx)ᵀ·dy``. No weight-sized
 buffer exists. Uses are counted in the forward (recomputation inside a backward is not a new use);
-uses whose backward never runs are flushed when the backward ends.
+uses whose backward never runs are flushed when the owner's backward pass ends.
 
 Every other trainable parameter (norms, biases, raw ``nn.Parameter`` tensors) is *dense*: autograd
 sums its uses, and a post-accumulate-grad hook applies the rule and frees the gradient at once.
@@ -87,6 +87,11 @@ def _name_of(func) -> str:
     return f"{module}.{name}" if module and "." not in name else name
 
 
+_LATE_USE = ("parameter {name!r} is used again after its update in this backward pass: its uses were not all "
+             "seen in the forward (reentrant gradient checkpointing of a weight shared between checkpointed "
+             "segments); use use_reentrant=False. Weights updated earlier in this backward keep their update.")
+
+
 class WeightSite:
     """One held weight: counts its uses in the forward and turns their backwards into one update."""
 
@@ -97,8 +102,10 @@ class WeightSite:
         self.updated = False    # updated in the backward now running
 
     def note_use(self) -> None:
-        if _not_in_backward():  # a recomputation (gradient checkpointing) is not a new use
+        if _not_in_backward():
             self.forward_uses += 1
+        elif self.updated:  # a recomputation (gradient checkpointing) would read the updated weight
+            raise RuntimeError(_LATE_USE.format(name=self.name))
 
     # contributions: ("linear", x, dy) with G = dyᵀ x; ("embedding", indices, dy, padding_idx)
     def linear_done(self, x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -108,13 +115,9 @@ class WeightSite:
         self._done(("embedding", indices, dy, padding_idx))
 
     def _done(self, contribution: tuple) -> None:
-        hold = self.hold
-        updater = hold.updater_in_backward(self.name)
-        hold.note_backward()
+        updater = self.hold.updater_in_backward(self.name)
         if self.updated:
-            raise RuntimeError(f"parameter {self.name!r} got another use's gradient after its update in this "
-                               "backward pass (its uses were not all seen in the forward: reentrant gradient "
-                               "checkpointing of a shared weight is not supported; use use_reentrant=False)")
+            raise RuntimeError(_LATE_USE.format(name=self.name))
         self.pending.append(contribution)
         if len(self.pending) >= self.forward_uses:
             self.flush(updater)
@@ -289,7 +292,6 @@ class Hold:
         self.module_uses: dict[int, int] = {}  # id(param) -> number of fused modules owning it (static ties)
         self.dense: dict[str, nn.Parameter] = {}
         self._handles: list = []
-        self._end_queued = False
         hooked_modules = [model]
         for _, module, _kind in _fused_modules(model):
             weight = module.weight
@@ -364,26 +366,21 @@ class Hold:
                                "its update). No weight was changed by this backward.")
         return owner.updater
 
-    def note_backward(self) -> None:
-        """Queue the end-of-backward flush once per backward pass."""
-        if not self._end_queued:
-            self._end_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-
-    def _end_of_backward(self) -> None:
-        self._end_queued = False
+    def end_backward(self, completed: bool) -> None:
+        """After the owner's backward pass (called by the owner, not by autograd: a reentrant checkpoint's
+        nested backward must not end it). A completed pass flushes the uses whose backward never ran
+        (outputs that did not reach the loss); a failed one drops them."""
         owner = self.owner
         for site in self.sites.values():
-            if site.pending:  # uses whose backward did not run (outputs that did not reach the loss)
+            if site.pending and completed and owner is not None:
                 site.flush(owner.updater)
+            site.pending.clear()
             site.updated = False
 
     def end_step(self) -> None:
         """After a backward that consumed the graph: the next forward's uses are counted afresh."""
         for site in self.sites.values():
             site.forward_uses = 0
-            site.pending.clear()
-            site.updated = False
 
     def _dense_hook(self, name: str):
         def hook(param: torch.Tensor) -> None:

@@ -356,3 +356,22 @@ def test_bad_lr_at_fused_backward_names_it_and_writes_nothing():
         opt.fused_backward(loss, -0.5)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     opt.fused_backward(loss, 0.1)  # the graph is still there: nothing ran
+
+
+def test_reentrant_checkpointing_of_a_shared_weight_raises():
+    from torch.utils.checkpoint import checkpoint
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            for _ in range(2):  # one weight in two reentrant-checkpointed segments: its uses are invisible
+                x = checkpoint(lambda t: torch.tanh(self.lin(t)), x, use_reentrant=True)
+            return x.sum()
+
+    model = Shared()
+    opt = lk.Lomo(model, lr=0.1)
+    with pytest.raises(RuntimeError, match="'lin.weight' is used again after its update"):
+        opt.fused_backward(model(torch.randn(3, 8, requires_grad=True)), 0.1)

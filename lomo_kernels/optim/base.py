@@ -209,6 +209,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.held.check_graph(loss)
         self._calls.clear()
         self.in_fused_backward = True
+        completed = False
         try:
             scaled = loss * self.loss_scale if self.loss_scale != 1.0 else loss
             # The router stays active inside the backward, where gradient checkpointing recomputes forwards.
@@ -217,8 +218,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             with self.held.routing():
                 _engine_run_backward((scaled,), (torch.ones_like(scaled),), retain_graph, False, (),
                                      allow_unreachable=True, accumulate_grad=True)
+            completed = True
         finally:
             self.in_fused_backward = False
+            self.held.end_backward(completed)
             if not retain_graph:
                 self.held.end_step()
 
