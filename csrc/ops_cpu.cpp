@@ -80,14 +80,26 @@ LOMO_AVX512 inline __mmask16 v_is_finite(__m512 v) {
   return _mm512_cmpneq_epi32_mask(e, v_u32(0x7f800000u));
 }
 
+// The rule's scalars broadcast once per span (held in registers: the stores to w may alias the Rule).
+struct VRule {
+  __m512 inv_loss_scale, bound, neg_bound, decay, step;
+  __m512i seed_hash;
+  bool stochastic;
+};
+
+LOMO_AVX512 inline VRule v_rule(const Rule& rule) {
+  return VRule{_mm512_set1_ps(rule.inv_loss_scale), _mm512_set1_ps(rule.clip_value), _mm512_set1_ps(-rule.clip_value),
+               _mm512_set1_ps(rule.decay),          _mm512_set1_ps(rule.step),       v_u32(rule.seed_hash),
+               rule.stochastic};
+}
+
 // updated_value(): clamp_nan(g*inv_loss_scale, ±clip) then w*decay - step*u, each rounded on its own.
-LOMO_AVX512 inline __m512 v_updated_value(__m512 w, __m512 g, const Rule& rule) {
-  const __m512 u0 = _mm512_mul_ps(g, _mm512_set1_ps(rule.inv_loss_scale));
-  const __m512 bound = _mm512_set1_ps(rule.clip_value), neg_bound = _mm512_set1_ps(-rule.clip_value);
+LOMO_AVX512 inline __m512 v_updated_value(__m512 w, __m512 g, const VRule& rule) {
+  const __m512 u0 = _mm512_mul_ps(g, rule.inv_loss_scale);
   // lower = u < -bound ? -bound : u;  u = bound < lower ? bound : lower  (NaN fails both tests)
-  const __m512 lower = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u0, neg_bound, _CMP_LT_OQ), u0, neg_bound);
-  const __m512 u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(bound, lower, _CMP_LT_OQ), lower, bound);
-  return _mm512_sub_ps(_mm512_mul_ps(w, _mm512_set1_ps(rule.decay)), _mm512_mul_ps(_mm512_set1_ps(rule.step), u));
+  const __m512 lower = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u0, rule.neg_bound, _CMP_LT_OQ), u0, rule.neg_bound);
+  const __m512 u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(rule.bound, lower, _CMP_LT_OQ), lower, rule.bound);
+  return _mm512_sub_ps(_mm512_mul_ps(w, rule.decay), _mm512_mul_ps(rule.step, u));
 }
 
 // bf16_nearest(), the result in the low half of each 32-bit lane.
@@ -108,10 +120,10 @@ LOMO_AVX512 inline __m512i v_mix32(__m512i x) {
 }
 
 // uniform_from_index() for flat indices first, first+1, ..., first+15 (mod 2**32).
-LOMO_AVX512 inline __m512 v_uniform(uint64_t first, uint32_t seed_hash) {
+LOMO_AVX512 inline __m512 v_uniform(uint64_t first, __m512i seed_hash) {
   const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i index = _mm512_add_epi32(v_u32(static_cast<uint32_t>(first)), lanes);
-  const __m512i r = v_mix32(_mm512_xor_si512(index, v_u32(seed_hash)));
+  const __m512i r = v_mix32(_mm512_xor_si512(index, seed_hash));
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 8)), _mm512_set1_ps(5.9604644775390625e-08f));
 }
 
@@ -132,22 +144,28 @@ LOMO_AVX512 inline __m512i v_bf16_stochastic(__m512 v, __m512 uniform) {
 
 // w[i] <- rule(w[i], g[i]) for i < count, W float or bf16, g fp32.
 template <class W>
-LOMO_AVX512 void update_span_avx512(W* w, const float* g, int64_t count, int64_t flat0, const Rule& rule) {
+LOMO_AVX512 void update_span_avx512(W* w, const float* g, int64_t count, int64_t flat0, const Rule& scalar_rule) {
+  const VRule rule = v_rule(scalar_rule);
   int64_t i = 0;
-  for (; i + 16 <= count; i += 16) {
-    const __m512 gv = _mm512_loadu_ps(g + i);
-    if constexpr (std::is_same_v<W, float>) {
-      _mm512_storeu_ps(w + i, v_updated_value(_mm512_loadu_ps(w + i), gv, rule));
-    } else {
+  if constexpr (std::is_same_v<W, float>) {
+    for (; i + 16 <= count; i += 16) {
+      _mm512_storeu_ps(w + i, v_updated_value(_mm512_loadu_ps(w + i), _mm512_loadu_ps(g + i), rule));
+    }
+  } else if (rule.stochastic) {
+    for (; i + 16 <= count; i += 16) {
       const __m512i wbits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
-      const __m512 v = v_updated_value(v_bf16_to_f32(wbits), gv, rule);
-      const __m512i out = rule.stochastic
-                              ? v_bf16_stochastic(v, v_uniform(static_cast<uint64_t>(flat0 + i), rule.seed_hash))
-                              : v_bf16_nearest(v);
+      const __m512 v = v_updated_value(v_bf16_to_f32(wbits), _mm512_loadu_ps(g + i), rule);
+      const __m512i out = v_bf16_stochastic(v, v_uniform(static_cast<uint64_t>(flat0 + i), rule.seed_hash));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm512_cvtepi32_epi16(out));
     }
+  } else {
+    for (; i + 16 <= count; i += 16) {
+      const __m512i wbits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
+      const __m512 v = v_updated_value(v_bf16_to_f32(wbits), _mm512_loadu_ps(g + i), rule);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm512_cvtepi32_epi16(v_bf16_nearest(v)));
+    }
   }
-  for (; i < count; ++i) update_element(w + i, g[i], static_cast<uint64_t>(flat0 + i), rule);
+  for (; i < count; ++i) update_element(w + i, g[i], static_cast<uint64_t>(flat0 + i), scalar_rule);
 }
 
 // Lanes 0-7 / 8-15 of v widened to double (masked forms: no undefined-register temporaries).

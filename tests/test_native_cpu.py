@@ -392,3 +392,130 @@ def test_compiled_op_rejects_bad_shapes_before_writing():
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         torch.ops.lomo_kernels_C.dense_update(w, torch.ones(8, 5, dtype=torch.float64), 1.0, 0.1, 1.0, 1.0, False, 0, 0)
     assert_bitwise(w, before)
+
+
+# ---- 16-bit GEMMs, vectorized epilogues, the compiled ghost norm (issue 16) ------------------------
+#
+# The cpu backend computes its block GEMMs from bf16/fp16 activations directly: MKL's 16-bit GEMMs
+# with fp32 output where torch's MKL has them ("mkl"), else per token chunk converted to fp32
+# scratch ("convert"); LOMO_CPU_LOWP_GEMM forces one. Its epilogues run 16 lanes at a time where the
+# CPU has AVX-512 (LOMO_CPU_SIMD=0 forces the scalar lomo_math.h loop); both must give the same bits.
+
+GEMM_MODES = ["mkl", "convert"]
+ODD_LINEAR_SHAPES = [  # fresh odd shapes: partial SIMD vectors, several row blocks, several token chunks
+    pytest.param((7, 3), 37, 129, id="21x37x129"),
+    pytest.param((1,), 300, 1031, id="1-token-2-row-blocks"),
+    pytest.param((613,), 45, 61, id="613-tokens"),
+    pytest.param((0,), 33, 17, id="0-tokens"),
+]
+
+
+def _gemm_mode(monkeypatch, mode: str) -> None:
+    monkeypatch.setenv("LOMO_CPU_LOWP_GEMM", mode)
+    probe = torch.zeros(2)
+    try:  # "mkl" raises when this torch's MKL has no 16-bit GEMM
+        lk.linear_grad_sqnorm_(probe, torch.empty(2, 2), torch.ones(1, 2, dtype=torch.bfloat16),
+                               torch.ones(1, 2, dtype=torch.bfloat16), method="gemm", backend="cpu")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("mode", GEMM_MODES)
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16], ids=["bf16-act", "fp16-act"])
+@pytest.mark.parametrize("w_dtype, rounding", WEIGHT_ROUNDINGS)
+@pytest.mark.parametrize("tokens, out_f, in_f", ODD_LINEAR_SHAPES)
+def test_linear_update_16bit_gemm(tokens, out_f, in_f, w_dtype, rounding, act_dtype, mode, monkeypatch):
+    """Tolerance: fp32 weights within 1e-5 of the operands' magnitudes, 16-bit weights within one ulp
+    of the float64 update (the GEMM sums exact products of the 16-bit operands in fp32)."""
+    _gemm_mode(monkeypatch, mode)
+    torch.manual_seed(hash((tokens, out_f, in_f, mode)) % 2**31)
+    options = dict(lr=0.05, weight_decay=0.1, coef=0.7, loss_scale=64.0, clip_value=0.5, seed=4242)
+    w, x, dy = _linear_inputs(tokens, out_f, in_f, w_dtype, act_dtype, options)
+    result, reference = _run("cpu", lk.linear_update_, w, x, dy, rounding=rounding, **options)
+    g, g_abs = _linear_gradient(x, dy)
+    _, scale = exact_update(w, g, g_abs, **options)
+    assert_matches_reference(result, reference, scale)
+    check_against_exact(result, w, g, g_abs, options)
+
+
+@pytest.mark.parametrize("w_dtype, rounding", WEIGHT_ROUNDINGS)
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
+def test_simd_epilogue_is_bitwise_the_scalar_one(w_dtype, rounding, act_dtype, monkeypatch):
+    """Same GEMM, so the same fp32 gradient: the AVX-512 and the scalar epilogue agree bit for bit,
+    special values (inf/nan activations, a weight at the format's largest value) included."""
+    torch.manual_seed(16)
+    w = (torch.randn(83, 77) * 3).to(w_dtype)
+    w[0, :3] = torch.tensor([float("inf"), float("nan"), torch.finfo(w_dtype).max])
+    x = torch.randn(9, 77).to(act_dtype)
+    dy = (torch.randn(9, 83) * 40).to(act_dtype)
+    x[4, 10] = float("nan")
+    dy[2, 50] = float("inf")
+    results = {}
+    for simd in ("1", "0"):
+        monkeypatch.setenv("LOMO_CPU_SIMD", simd)
+        for clip in (None, 0.25):
+            out = w.clone()
+            lk.linear_update_(out, x, dy, lr=0.03, weight_decay=0.2, coef=0.9, loss_scale=8.0, clip_value=clip,
+                              rounding=rounding, seed=77, backend="cpu")
+            results[simd, clip] = out
+    for clip in (None, 0.25):
+        assert_bitwise(results["1", clip], results["0", clip])
+
+
+@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16], ids=["fp32-g", "bf16-g"])
+def test_dense_update_bitwise_both_epilogues(g_dtype, simd, monkeypatch):
+    monkeypatch.setenv("LOMO_CPU_SIMD", simd)
+    options = dict(lr=0.02, weight_decay=0.05, coef=1.3, loss_scale=4.0, clip_value=1.5, seed=31337)
+    p = (torch.randn(4099) * 2).to(torch.bfloat16)
+    g = (torch.randn(4099) * 9).to(g_dtype)
+    g[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(g_dtype)
+    for rounding in ("nearest", "stochastic"):
+        result, reference = _run("cpu", lk.dense_update_, p, g, rounding=rounding, **options)
+        assert_bitwise(result, reference)
+
+
+@pytest.mark.parametrize("mode", GEMM_MODES)
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32-act", "bf16-act", "fp16-act"])
+@pytest.mark.parametrize("tokens, out_f, in_f", [((5,), 123, 77), ((3, 7), 64, 33), ((600,), 9, 13), ((1,), 4, 3)],
+                         ids=["5x123x77", "21x64x33", "600-tokens-2-token-blocks", "1-token"])
+def test_linear_grad_sqnorm_ghost_compiled(tokens, out_f, in_f, act_dtype, mode, monkeypatch):
+    """The compiled ghost pass (lower triangles of the Gram matrices) and the compiled GEMM pass
+    against float64, relative 1e-5 (the reference's ghost pass too)."""
+    _gemm_mode(monkeypatch, mode)
+    loss_scale = 16.0
+    w, x, dy = _linear_inputs(tokens, out_f, in_f, torch.float32, act_dtype, dict(loss_scale=loss_scale))
+    g, _ = _linear_gradient(x, dy)
+    exact = 0.75 + float(((g / loss_scale) ** 2).sum())
+    for backend, method in (("cpu", "ghost"), ("cpu", "gemm"), ("torch", "ghost")):
+        s = torch.tensor([0.75, 3.0])
+        lk.linear_grad_sqnorm_(s, w, x, dy, loss_scale=loss_scale, method=method, backend=backend)
+        assert s[0].item() == pytest.approx(exact, rel=FP32_RTOL), (backend, method)
+        assert s[1].item() == 3.0
+
+
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_linear_grad_sqnorm_ghost_compiled_counts_nonfinite_once(poison, act_dtype):
+    x, dy = torch.randn(6, 40).to(act_dtype), torch.randn(6, 24).to(act_dtype)
+    x[2, 5] = poison
+    s = torch.zeros(2)
+    lk.linear_grad_sqnorm_(s, torch.empty(24, 40), x, dy, method="ghost", backend="cpu")
+    assert not torch.isfinite(s[0]) and s[1].item() == 1.0
+
+
+@pytest.mark.parametrize("mode", GEMM_MODES)
+def test_bf16_linear_update_scratch_is_one_block(mode, monkeypatch):
+    """No fp32 copy of the activations: a fused bf16 update of a 1376x512 weight from 4096 tokens
+    allocates its 1 MiB GEMM block (and, converting, at most another block of token chunks), not
+    the 30 MiB an fp32 copy of x and dy takes."""
+    from lomo_kernels.memory.tracker import peak_bytes_profiled
+    _gemm_mode(monkeypatch, mode)
+    w = torch.randn(1376, 512, dtype=torch.bfloat16)
+    x, dy = torch.randn(4096, 512, dtype=torch.bfloat16), torch.randn(4096, 1376, dtype=torch.bfloat16)
+    for clip in (None, 0.01):
+        peak = peak_bytes_profiled(lambda: lk.linear_update_(w, x, dy, lr=1e-3, clip_value=clip,
+                                                             rounding="stochastic", backend="cpu"))
+        blocks = 1 if mode == "mkl" else 2
+        assert peak <= blocks * (1 << 20) + (64 << 10), peak

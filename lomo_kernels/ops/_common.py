@@ -205,8 +205,11 @@ def accumulate_sqnorm_(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: flo
 
 # --- calling a custom op's implementation directly -------------------------------------------------
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain(t) -> bool:
-    return (type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return (type(t) in _PLAIN_TYPES and not torch._C._functorch.is_functorch_wrapped_tensor(t)
             and not torch._is_functional_tensor(t))
 
 
