@@ -80,7 +80,7 @@ _KV_HEAD_KEYS = {"num_key_value_heads", "n_kv_heads", "num_kv_heads", "kv_n_head
 _HEAD_DIM_KEYS = {"head_dim", "kv_channels", "attention_head_dim", "d_head", "head_size"}
 _INTERMEDIATE_KEYS = {
     "intermediate_size", "ffn_dim", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_hidden_size",
-    "d_ff", "inner_hidden_size", "d_inner", "dim_feedforward", "mlp_dim", "intermediate_dim",
+    "d_ff", "dim_ff", "dff", "inner_hidden_size", "d_inner", "dim_feedforward", "mlp_dim", "intermediate_dim",
 }
 _MOE_INTERMEDIATE_KEYS = {
     "moe_intermediate_size", "shared_expert_intermediate_size", "expert_ffn_hidden_size",
@@ -99,7 +99,8 @@ _TOPK_KEYS = {"num_experts_per_tok", "moe_k", "moe_topk", "moe_top_k", "num_expe
 _ONE_KEYS = {"n_group", "num_expert_group", "topk_group", "n_groups", "mamba_n_groups", "num_groups"}
 _AT_MOST_ONE_KEYS = {"n_shared_experts", "num_shared_experts", "first_k_dense_replace", "moe_shared_expert_count"}
 _ZERO_KEYS = {"num_nextn_predict_layers", "num_mtp_layers", "mtp_num_layers", "num_mtp_modules"}
-_WINDOW_KEYS = {"sliding_window", "attention_window_size", "sliding_window_size", "window_size", "local_window_size"}
+_WINDOW_KEYS = {"sliding_window", "attention_window_size", "sliding_window_size", "window_size", "local_window_size",
+                "keep_window_size"}
 _STATE_KEYS = {"state_size", "ssm_state_size", "d_state", "mamba_d_state"}
 _MAMBA_HEADS_KEYS = {"mamba_n_heads", "mamba_num_heads", "ssm_num_heads"}
 _MAMBA_HEAD_DIM_KEYS = {"mamba_d_head", "mamba_head_dim", "ssm_head_dim"}
@@ -112,6 +113,8 @@ _FIXED = {
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
     "linear_num_value_heads": 4,
     "rotary_dim": HEAD_DIM,
+    # LongCat-Flash's identity ("zero computation") experts
+    "zero_expert_num": 2,
 }
 _CONFIG_PLUMBING = {
     "transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
@@ -164,7 +167,7 @@ def _shrink_int(k: str, v: int, ctx: dict):
         return v % 2
     if k.endswith(("token_id", "_token_index", "token_idx")):
         return vocab_safe_id(v, ctx)
-    if "vocab_size" in k and "divisible" not in k:
+    if ("vocab_size" in k or k.endswith("_vocab")) and "divisible" not in k:
         return min(v, VOCAB)
     if k.startswith("hidden_size") or k.endswith("_hidden_size"):
         return min(v, HIDDEN) if v else v
@@ -366,6 +369,10 @@ _OVERRIDES: dict[str, dict] = {
                  "local_attn_chunk_length": 8, "lsh_attn_chunk_length": 8, "num_buckets": 4,
                  "attn_layers": ["local", "lsh"], "num_hidden_layers": 2,
                  "hash_seed": 0},  # LSH draws random rotations on every forward unless seeded
+    # hybrids whose default is all-recurrent (or whose pattern list is not per layer): one layer of each
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"], "num_hidden_layers": 2},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"], "num_hidden_layers": 2},
     # mamba_d_ssm must equal mamba_n_heads * mamba_d_head (8 * 16)
     "falcon_h1": {"mamba_d_ssm": 128},
     # the vision/audio adapters project to the text model's width
@@ -440,7 +447,7 @@ def _drop_derived(cls, default, kw: dict) -> dict:
         return kw
     derived = {
         k for k in kw
-        if k not in primary and not isinstance(kw[k], dict)
+        if k not in primary and not isinstance(kw[k], (dict, list, str))  # chosen per-layer lists stay
         and k in probe.__dict__ and k in default.__dict__ and probe.__dict__[k] != default.__dict__[k]
     }
     return {k: v for k, v in kw.items() if k not in derived}
