@@ -5,12 +5,26 @@ The router (lomo_kernels.routing) calls them in place of ``F.linear`` / ``torch.
 model's outputs are bitwise the plain model's. Each backward first computes the input (and bias)
 gradient with the *pre-update* weight, then hands its use's ``(x, dy)`` to the weight's
 ``WeightSite``, which applies the update once all of the weight's uses are in. The weight's
-gradient slot is ``None``: no weight-sized tensor is built.
+gradient slot is ``None``: no weight-sized tensor is built. Outputs may come back as the op's
+storage base (see ``own_storage``); the router views them to the op's shape.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def own_storage(out: torch.Tensor) -> torch.Tensor:
+    """A custom Function must not return a view of a tensor it made (autograd then refuses in-place ops on
+    the output, e.g. ``h = linear(x); h += pos``). ``F.linear`` / ``F.embedding`` return such views
+    (``addmm(...).view(...)``): return the contiguous base instead, same memory, for the caller to view
+    back to the op's shape with an ordinary, autograd-visible ``view``."""
+    base = out._base
+    if base is None:
+        return out
+    if base.is_contiguous() and out.is_contiguous() and base.numel() == out.numel():
+        return base
+    return out.clone()
 
 
 def _common_dtype(a: torch.Tensor, b: torch.Tensor):
@@ -28,7 +42,7 @@ class FusedLinearFunction(torch.autograd.Function):
     def forward(x, weight, bias, site, in_out_layout):
         if in_out_layout:
             return torch.addmm(bias, x, weight)
-        return F.linear(x, weight, bias)
+        return own_storage(F.linear(x, weight, bias))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -46,7 +60,7 @@ class FusedLinearFunction(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = weight.t() if ctx.in_out_layout else weight
-            grad_x = (dy.to(weight.dtype) @ w).to(x.dtype)
+            grad_x = (dy.reshape(-1, dy.shape[-1]).to(weight.dtype) @ w).to(x.dtype).view(x.shape)
         x2, dy2 = _common_dtype(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
         if ctx.needs_input_grad[2]:
             grad_bias = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
@@ -63,7 +77,7 @@ class FusedEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(indices, weight, padding_idx, site):
-        return F.embedding(indices, weight, padding_idx)
+        return own_storage(F.embedding(indices, weight, padding_idx))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -74,5 +88,5 @@ class FusedEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (indices,) = ctx.saved_tensors
-        ctx.site.embedding_done(indices, dy, ctx.padding_idx)
+        ctx.site.embedding_done(indices, dy.reshape(*indices.shape, dy.shape[-1]), ctx.padding_idx)
         return None, None, None, None

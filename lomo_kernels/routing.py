@@ -224,7 +224,8 @@ class Router(TorchFunctionMode):
         if not torch.is_grad_enabled() or not weight.requires_grad:
             return F.linear(x, weight, bias)
         site.note_use()
-        return FusedLinearFunction.apply(x, weight, bias, site, False)
+        out = FusedLinearFunction.apply(x, weight, bias, site, False)
+        return out.view(*x.shape[:-1], weight.shape[0]) if out.dim() != x.dim() else out
 
     @staticmethod
     def _addmm(site, args, kwargs):
@@ -248,7 +249,8 @@ class Router(TorchFunctionMode):
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
         site.note_use()
-        return FusedEmbeddingFunction.apply(indices, weight, padding_idx, site)
+        out = FusedEmbeddingFunction.apply(indices, weight, padding_idx, site)
+        return out.view(*indices.shape, weight.shape[1]) if out.dim() != indices.dim() + 1 else out
 
 
 # --- the hold ----------------------------------------------------------------------------------------

@@ -375,3 +375,24 @@ def test_reentrant_checkpointing_of_a_shared_weight_raises():
     opt = lk.Lomo(model, lr=0.1)
     with pytest.raises(RuntimeError, match="'lin.weight' is used again after its update"):
         opt.fused_backward(model(torch.randn(3, 8, requires_grad=True)), 0.1)
+
+
+def test_in_place_ops_on_routed_outputs_work_and_stay_exact():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(11, 6), nn.Linear(6, 6)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h += 1.0             # in place on the embedding's output
+            y = self.lin(h)
+            y += h               # and on the linear's (3-D input: F.linear returns a view of its addmm)
+            return y.square().mean()
+
+    model = InPlace()
+    ref = copy.deepcopy(model)
+    data = [torch.randint(0, 11, (2, 5)) for _ in range(2)]
+    sgd_steps(ref, data, lambda m, ids: m(ids), lr=0.1, weight_decay=0.1)
+    fused_steps(model, data, lambda m, ids: m(ids), lr=0.1, weight_decay=0.1)
+    assert_same(model, ref)
