@@ -559,6 +559,109 @@ void linear_grad_sqnorm_ghost(const at::Tensor& stats, const at::Tensor& x, cons
   add_to_stats(stats, NormSums{total, std::isfinite(total) ? 0 : 1});
 }
 
+// ---- AdaLomo's passes over G (compiled for the cpu backend) --------------------------------------
+//
+// u_ij = clamp(G_ij * inv_loss_scale, ±clip_value), G from the same block GEMMs as linear_update.
+
+void check_vector(const at::Tensor& v, int64_t size, const char* label, const char* op) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 1 && v.size(0) == size && v.is_contiguous(),
+              "lomo_kernels_C::", op, ": ", label, " must be a contiguous float32 vector of ", size, " elements");
+}
+
+// row_sums[r] += Σ_j u², col_sums[j] += Σ_r u²; stats += [Σ_ij (G_ij*inv)², its non-finite count]
+// (the norm pass's terms, before value clipping), all from one pass over G.
+void adalomo_sq_sums(const at::Tensor& row_sums, const at::Tensor& col_sums, const at::Tensor& stats,
+                     const at::Tensor& x, const at::Tensor& grad_out, double inv_loss_scale, double clip_value,
+                     int64_t /*stream*/) {
+  const int64_t out_f = grad_out.size(1), in_f = x.size(1);
+  check_activations(x, grad_out, out_f, in_f, "adalomo_sq_sums");
+  check_vector(row_sums, out_f, "row_sums", "adalomo_sq_sums");
+  check_vector(col_sums, in_f, "col_sums", "adalomo_sq_sums");
+  check_stats(stats, "adalomo_sq_sums");
+  const float inv = static_cast<float>(inv_loss_scale), bound = static_cast<float>(clip_value);
+  std::vector<double> cols(static_cast<size_t>(in_f), 0.0);
+  float* rs = row_sums.data_ptr<float>();
+  NormSums norm;
+  for_each_gradient_block(x, grad_out, [&](int64_t r0, int64_t rows, const float* g) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* gr = g + r * in_f;
+      double row = 0.0, square = 0.0;
+      int64_t bad = 0;
+      for (int64_t j = 0; j < in_f; ++j) {
+        const float u0 = mul_rn(gr[j], inv);
+        const float sq0 = mul_rn(u0, u0);
+        square += sq0;
+        bad += !is_finite(u0);
+        const float u = clamp_nan(u0, bound);
+        const float sq = mul_rn(u, u);
+        row += sq;
+        cols[static_cast<size_t>(j)] += sq;
+      }
+      rs[r0 + r] += static_cast<float>(row);
+      norm.square += square;
+      norm.nonfinite += bad;
+    }
+  });
+  float* cs = col_sums.data_ptr<float>();
+  for (int64_t j = 0; j < in_f; ++j) cs[j] += static_cast<float>(cols[static_cast<size_t>(j)]);
+  add_to_stats(stats, norm);
+}
+
+// u_ij <- (u_ij * row_scale_i) * col_scale_j in place on a block (rows r0.. of G), u clamped first.
+void scale_block(float* g, int64_t r0, int64_t rows, int64_t in_f, const float* row_scale, const float* col_scale,
+                 float inv, float bound) {
+#pragma omp parallel for schedule(static) if (rows * in_f > kParallelGrain)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* gr = g + r * in_f;
+    const float rscale = row_scale[r0 + r];
+    for (int64_t j = 0; j < in_f; ++j) gr[j] = mul_rn(mul_rn(clamp_nan(mul_rn(gr[j], inv), bound), rscale), col_scale[j]);
+  }
+}
+
+void adalomo_scaled_sqnorm(const at::Tensor& stats, const at::Tensor& x, const at::Tensor& grad_out,
+                           const at::Tensor& row_scale, const at::Tensor& col_scale, double inv_loss_scale,
+                           double clip_value, int64_t /*stream*/) {
+  const int64_t out_f = grad_out.size(1), in_f = x.size(1);
+  check_activations(x, grad_out, out_f, in_f, "adalomo_scaled_sqnorm");
+  check_vector(row_scale, out_f, "row_scale", "adalomo_scaled_sqnorm");
+  check_vector(col_scale, in_f, "col_scale", "adalomo_scaled_sqnorm");
+  check_stats(stats, "adalomo_scaled_sqnorm");
+  NormSums total;
+  for_each_gradient_block(x, grad_out, [&](int64_t r0, int64_t rows, const float* g) {
+    float* block = const_cast<float*>(g);
+    scale_block(block, r0, rows, in_f, row_scale.data_ptr<float>(), col_scale.data_ptr<float>(),
+                static_cast<float>(inv_loss_scale), static_cast<float>(clip_value));
+    const NormSums sums = norm_sums(block, rows * in_f, 1.0f);
+    total.square += sums.square;
+    total.nonfinite += sums.nonfinite;
+  });
+  add_to_stats(stats, total);
+}
+
+// W <- decay·W - step · (clamp(G*inv, ±clip)·r_i)·c_j, rounded as every update (the scaled u goes
+// through update_element with inv_loss_scale 1 and no clipping, as the torch reference does).
+void adalomo_linear_update(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& grad_out,
+                           const at::Tensor& row_scale, const at::Tensor& col_scale, double decay, double step,
+                           double inv_loss_scale, double clip_value, bool stochastic, int64_t seed,
+                           int64_t /*stream*/) {
+  check_cpu_weight(weight, "adalomo_linear_update");
+  const int64_t out_f = weight.size(0), in_f = weight.size(1);
+  check_activations(x, grad_out, out_f, in_f, "adalomo_linear_update");
+  check_vector(row_scale, out_f, "row_scale", "adalomo_linear_update");
+  check_vector(col_scale, in_f, "col_scale", "adalomo_linear_update");
+  const Rule rule = make_rule(decay, step, 1.0, std::numeric_limits<double>::infinity(), stochastic, seed);
+  visit_dtype(dtype_of(weight), [&](auto w_elem) {
+    using W = decltype(w_elem);
+    W* w = typed<W>(weight);
+    for_each_gradient_block(x, grad_out, [&](int64_t r0, int64_t rows, const float* g) {
+      float* block = const_cast<float*>(g);
+      scale_block(block, r0, rows, in_f, row_scale.data_ptr<float>(), col_scale.data_ptr<float>(),
+                  static_cast<float>(inv_loss_scale), static_cast<float>(clip_value));
+      update_span(w + r0 * in_f, block, rows * in_f, r0 * in_f, rule);
+    });
+  });
+}
+
 // Calls fn(k, row, g) for each group k of the batch (its row, padding row excluded), g the row's fp32
 // gradient: its grad_out rows summed in token order. Groups run in parallel; g is a per-thread buffer.
 template <class D, class Fn>
@@ -673,12 +776,24 @@ TORCH_LIBRARY_FRAGMENT(lomo_kernels_C, m) {
   m.def(
       "linear_grad_sqnorm_ghost(Tensor(a!) stats, Tensor x, Tensor grad_out, float inv_loss_scale, int stream) -> "
       "()");
+  m.def(
+      "adalomo_sq_sums(Tensor(a!) row_sums, Tensor(b!) col_sums, Tensor(c!) stats, Tensor x, Tensor grad_out, "
+      "float inv_loss_scale, float clip_value, int stream) -> ()");
+  m.def(
+      "adalomo_scaled_sqnorm(Tensor(a!) stats, Tensor x, Tensor grad_out, Tensor row_scale, Tensor col_scale, "
+      "float inv_loss_scale, float clip_value, int stream) -> ()");
+  m.def(
+      "adalomo_linear_update(Tensor(a!) weight, Tensor x, Tensor grad_out, Tensor row_scale, Tensor col_scale, "
+      "float decay, float step, float inv_loss_scale, float clip_value, bool stochastic, int seed, int stream) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lomo_kernels_C, CPU, m) {
   m.impl("linear_update", &lomo::linear_update);
   m.impl("linear_grad_sqnorm", &lomo::linear_grad_sqnorm);
   m.impl("linear_grad_sqnorm_ghost", &lomo::linear_grad_sqnorm_ghost);
+  m.impl("adalomo_sq_sums", &lomo::adalomo_sq_sums);
+  m.impl("adalomo_scaled_sqnorm", &lomo::adalomo_scaled_sqnorm);
+  m.impl("adalomo_linear_update", &lomo::adalomo_linear_update);
   m.impl("embedding_update", &lomo::embedding_update);
   m.impl("embedding_grad_sqnorm", &lomo::embedding_grad_sqnorm);
   m.impl("dense_update", &lomo::dense_update);

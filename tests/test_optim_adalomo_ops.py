@@ -99,3 +99,82 @@ def test_embedding_row_gradients_sum_duplicates_and_skip_padding():
     dense = torch.zeros(10, 3).index_add_(0, idx.flatten(), dy.reshape(-1, 3))
     assert rows.tolist() == [1, 4, 9]
     assert torch.allclose(g, dense[rows])
+
+
+# ---- the compiled (cpu backend) AdaLomo passes and the shared norm terms (issue 16) -----------------
+
+_CPU = pytest.mark.skipif(not __import__("lomo_kernels").available_backends()["cpu"].available,
+                          reason="compiled backend not built")
+ODD = [((9, 7), 131, 67), ((1,), 300, 1031), ((400,), 29, 41)]  # several row blocks; tokens >> features
+
+
+def _operands(tokens, in_f, out_f, act_dtype):
+    w, x, dy = inputs(tokens, in_f, out_f)
+    return w, x.to(act_dtype), dy.to(act_dtype)
+
+
+@_CPU
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
+@pytest.mark.parametrize("clip_value", [None, 0.05])
+@pytest.mark.parametrize("tokens,in_f,out_f", ODD)
+def test_compiled_sq_sums_with_norm_terms(tokens, in_f, out_f, clip_value, act_dtype):
+    """Row/column sums within 1e-5 of float64, and ``stats`` equal to the norm pass's terms (unclipped)."""
+    w, x, dy = _operands(tokens, in_f, out_f, act_dtype)
+    g = clipped_gradient(x, dy, 4.0, clip_value)
+    unclipped = clipped_gradient(x, dy, 4.0, None)
+    for backend in ("cpu", "torch"):
+        rows, cols, stats = torch.ones(out_f), torch.ones(in_f), torch.tensor([0.5, 0.0])
+        A.adalomo_sq_sums_(rows, cols, w, x, dy, loss_scale=4.0, clip_value=clip_value, method="gemm", stats=stats,
+                           backend=backend)
+        assert_close(rows, 1 + (g * g).sum(1))
+        assert_close(cols, 1 + (g * g).sum(0))
+        assert stats[0].item() == pytest.approx(0.5 + (unclipped ** 2).sum().item(), rel=1e-5)
+        assert stats[1].item() == 0
+
+
+@_CPU
+@pytest.mark.parametrize("method", ["gemm", "ghost"])
+def test_sq_sums_norm_terms_count_nonfinite(method):
+    w, x, dy = inputs((6,), 20, 12)
+    x[3, 4] = math.inf
+    stats = torch.zeros(2)
+    A.adalomo_sq_sums_(torch.zeros(12), torch.zeros(20), w, x, dy, method=method, stats=stats, backend="cpu")
+    assert stats[1].item() >= 1 and not math.isfinite(stats[0].item())
+
+
+@_CPU
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
+@pytest.mark.parametrize("clip_value", [None, 0.05])
+@pytest.mark.parametrize("tokens,in_f,out_f", ODD)
+def test_compiled_scaled_sqnorm(tokens, in_f, out_f, clip_value, act_dtype):
+    w, x, dy = _operands(tokens, in_f, out_f, act_dtype)
+    r, c = torch.rand(out_f) + 0.5, torch.rand(in_f) + 0.5
+    g = clipped_gradient(x, dy, 2.0, clip_value) * r.double()[:, None] * c.double()
+    stats = torch.zeros(2)
+    A.adalomo_scaled_sqnorm_(stats, w, x, dy, r, c, loss_scale=2.0, clip_value=clip_value, backend="cpu")
+    assert stats[0].item() == pytest.approx((g * g).sum().item(), rel=1e-5)
+    assert stats[1].item() == 0
+
+
+@_CPU
+@pytest.mark.parametrize("w_dtype,rounding", [(torch.float32, "nearest"), (torch.bfloat16, "nearest"),
+                                              (torch.bfloat16, "stochastic")])
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
+@pytest.mark.parametrize("clip_value", [None, 0.05])
+@pytest.mark.parametrize("tokens,in_f,out_f", ODD)
+def test_compiled_linear_update(tokens, in_f, out_f, clip_value, act_dtype, w_dtype, rounding):
+    """fp32 weights within 1e-5 (of the largest term) of float64; bf16 weights within one bf16 ulp
+    (nearest) or on one of the two neighbours (stochastic) of the float64 update."""
+    w, x, dy = _operands(tokens, in_f, out_f, act_dtype)
+    w = w.to(w_dtype)
+    r, c = torch.rand(out_f) + 0.5, torch.rand(in_f) + 0.5
+    lr, wd, coef = 0.1, 0.3, 0.7
+    g = clipped_gradient(x, dy, 2.0, clip_value) * r.double()[:, None] * c.double()
+    expected = w.double() * (1 - lr * wd) - lr * coef * g
+    A.adalomo_linear_update_(w, x, dy, r, c, lr=lr, weight_decay=wd, coef=coef, loss_scale=2.0,
+                             clip_value=clip_value, rounding=rounding, seed=5, backend="cpu")
+    if w_dtype == torch.float32:
+        assert_close(w, expected)
+    else:
+        ulp = expected.abs().clamp_min(1e-30) * 2.0 ** -7
+        assert ((w.double() - expected).abs() <= ulp + 1e-6 * expected.abs().max()).all()

@@ -79,6 +79,23 @@ def linear_grad_sqnorm_ghost(stats: torch.Tensor, x: torch.Tensor, dy: torch.Ten
     _ops().linear_grad_sqnorm_ghost(stats, x, dy, inv_loss_scale, 0)
 
 
+def adalomo_sq_sums(row_sums: torch.Tensor, col_sums: torch.Tensor, stats: torch.Tensor, x: torch.Tensor,
+                    dy: torch.Tensor, inv_loss_scale: float, clip_value: float) -> None:
+    """AdaLomo's row/column sums of ``clamp(dyᵀx · inv_loss_scale, ±clip_value)²`` and, from the same pass,
+    the norm terms of ``dyᵀx · inv_loss_scale`` into ``stats`` (``cpu`` backend only)."""
+    _ops().adalomo_sq_sums(row_sums, col_sums, stats, x, dy, inv_loss_scale, clip_value, 0)
+
+
+def adalomo_scaled_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
+                          col_scale: torch.Tensor, inv_loss_scale: float, clip_value: float) -> None:
+    _ops().adalomo_scaled_sqnorm(stats, x, dy, row_scale, col_scale, inv_loss_scale, clip_value, 0)
+
+
+def adalomo_linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
+                          col_scale: torch.Tensor, rule: UpdateRule) -> None:
+    _ops().adalomo_linear_update(w, x, dy, row_scale, col_scale, *_rule_args(rule), 0)
+
+
 def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int, rule: UpdateRule) -> None:
     _ops().embedding_update(w, idx, dy, padding_idx, *_rule_args(rule), _stream(w))
 

@@ -118,23 +118,28 @@ def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: floa
 
 # --- AdaLomo statistics (torch only: every device dispatches here, see lomo_kernels.ops.adalomo_stats) ----
 
-def _clipped_gradient_blocks(x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float, clip_value: float):
-    """Yield ``(r0, r1, clamp(G[r0:r1] * inv_loss_scale, ±clip_value))`` in row blocks of ``G = dyᵀx``."""
+def _clipped_gradient_blocks(x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float, clip_value: float,
+                             stats: torch.Tensor | None = None):
+    """Yield ``(r0, r1, clamp(G[r0:r1] * inv_loss_scale, ±clip_value))`` in row blocks of ``G = dyᵀx``;
+    with ``stats``, first add the norm pass's terms of ``G * inv_loss_scale`` (before clipping) to it."""
     x32, dy32 = x.to(torch.float32), dy.to(torch.float32)
     out_f, in_f = dy.shape[1], x.shape[1]
     rows = _rows_per_chunk(in_f)
     for r0 in range(0, out_f, rows):
         r1 = min(r0 + rows, out_f)
         g = (dy32[:, r0:r1].t() @ x32) * inv_loss_scale
+        if stats is not None:
+            accumulate_sqnorm_(stats, g, 1.0)
         if math.isfinite(clip_value):
             g = g.clamp(-clip_value, clip_value)
         yield r0, r1, g
 
 
 def adalomo_sq_sums(row_sums: torch.Tensor, col_sums: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
-                    inv_loss_scale: float, clip_value: float) -> None:
-    """``row_sums += Σ_j u_ij²``, ``col_sums += Σ_i u_ij²`` with ``u = clamp(dyᵀx · inv_loss_scale, ±clip_value)``."""
-    for r0, r1, g in _clipped_gradient_blocks(x, dy, inv_loss_scale, clip_value):
+                    inv_loss_scale: float, clip_value: float, stats: torch.Tensor | None = None) -> None:
+    """``row_sums += Σ_j u_ij²``, ``col_sums += Σ_i u_ij²`` with ``u = clamp(dyᵀx · inv_loss_scale, ±clip_value)``;
+    with ``stats``, also the norm pass's terms of ``dyᵀx · inv_loss_scale`` (unclipped) from the same blocks."""
+    for r0, r1, g in _clipped_gradient_blocks(x, dy, inv_loss_scale, clip_value, stats):
         sq = g * g
         row_sums[r0:r1] += sq.sum(1)
         col_sums += sq.sum(0)
