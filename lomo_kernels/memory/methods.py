@@ -153,8 +153,8 @@ class Trainer:
         self._mark_state()
 
     def close(self) -> None:
-        """Remove our hooks and the fused optimizer's patch, so the model can be reused."""
+        """Remove our hooks and end the fused optimizer's hold, so the model can be reused."""
         for h in getattr(self, "_grad_hooks", []):
             h.remove()
         if self.cfg.method in ("lomo", "adalomo"):
-            self.optimizer.unpatch()
+            self.optimizer.close()

@@ -295,9 +295,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No-op: fused parameters never hold a gradient."""
 
-    def unpatch(self) -> None:  # TODO(lead): remove once lomo_kernels/memory/methods.py calls close()
-        self.close()
-
     # --- checkpoints -----------------------------------------------------------------------------
 
     def _named_state(self) -> dict[str, dict[str, torch.Tensor]]:
