@@ -127,7 +127,7 @@ def _cell(s) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ").strip()
 
 
-def render(rows: list[dict], source: str, notes: dict | None) -> str:
+def render(rows: list[dict], source: str, notes: dict | None, why: str = "") -> str:
     import torch
     import transformers
 
@@ -141,7 +141,8 @@ def render(rows: list[dict], source: str, notes: dict | None) -> str:
         f"every `model_type` in its `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, each as a tiny random model built "
         f"by `tests/tiny_archs.py` (hidden 64, 2-4 layers, vocabulary 256, CPU, fp32). Generated {today}.",
         "",
-        f"Source: {'`' + source + '`' if sweep else 'build-only check (`tests.test_architecture_sweep` does not exist yet): build, forward with labels (finite loss), backward'}.",
+        "Source: " + (f"the sweep `{source}`." if sweep else
+                      f"the build-only check ({why}): build, forward with labels (finite loss), backward."),
         "",
         "**" + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"** of {len(rows)}.",
         "",
@@ -191,6 +192,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     fn = None if args.build_only else load_sweep(args.sweep)
+    why = "`--build-only`" if args.build_only else f"`{args.sweep.partition(':')[0]}` does not exist"
     if fn is None:
         if not args.build_only:
             print(f"{args.sweep.partition(':')[0]} does not exist: build-only table", file=sys.stderr)
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
     notes = None
     if not args.no_notes:
         notes = {r["model_type"]: notes_for(r["model_type"]) for r in rows if r.get("status") != "skipped"}
-    text = render(rows, source, notes)
+    text = render(rows, source, notes, why)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
