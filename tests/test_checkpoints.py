@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,38 @@ def test_sigkill_during_a_save_loses_nothing(runs, tmp_path, data_file, capsys, 
     assert code == 0, out
     assert not [p for p in run.rglob(".tmp-*")]
     assert same_weights(run / "model.safetensors", runs / "six" / "model.safetensors")
+
+
+def test_sigkill_at_random_moments_of_a_saving_run_never_leaves_a_bad_checkpoint(tmp_path, data_file, capsys):
+    """No hooks: a run that saves every step, killed at three different moments; after each kill every
+    checkpoint verifies, the top level loads, and a resume continues."""
+    import random
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "lomo_kernels", "train", *TINY, "--data", str(data_file), "--save-every", "1",
+            "--keep-checkpoints", "2", "--steps", "100000", "--output", str(run)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    for attempt in range(3):
+        proc = subprocess.Popen(argv + (["--resume"] if attempt else []), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            reached = ckpt.latest_checkpoint(run)
+            for _ in range(600):  # wait for this process's first new checkpoint
+                time.sleep(0.05)
+                if ckpt.latest_checkpoint(run) not in (None, reached):
+                    break
+            time.sleep(rng.uniform(0.0, 0.3))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        intact, damaged = ckpt.newest_intact_checkpoint(run)
+        assert intact is not None and damaged == [], damaged
+        assert all(ckpt.verify_checkpoint(c)[0] is not None for c in ckpt.checkpoint_dirs(run))
+        assert ckpt.safetensors_problem(run / "model.safetensors") == ""
+    code, out = _train(capsys, data_file, run, "--save-every", 1, "--keep-checkpoints", 2, "--resume",
+                       "--steps", intact.state["step"] + 1)
+    assert code == 0, out
+    assert not list(run.rglob(".tmp-*"))

@@ -7,6 +7,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,8 +294,8 @@ def prepare(args, explicit: set[str], say) -> Run:
         say(f"removed what an interrupted save left behind: {', '.join(str(p.relative_to(out)) for p in leftovers)}")
     for path, problem in damaged:
         aside = ckpt.set_aside(path)
-        say(f"warning: checkpoint {path.name} is damaged ({problem}); set aside as "
-            f"{aside.relative_to(out)}, resuming from {resume_from.name} instead")
+        print(f"lomo-kernels: warning: checkpoint {path.name} is damaged ({problem}); set aside as "
+              f"{aside.relative_to(out)}, resuming from {resume_from.name} instead", file=sys.stderr)
     if damaged:  # the top-level weights may be the damaged checkpoint's: publish those resumed from
         ckpt.publish_model_files(resume_from, out)
     start_step, order = 0, BatchOrder(len(train_data), args.batch_size, args.seed)
