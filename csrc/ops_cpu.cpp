@@ -119,27 +119,30 @@ LOMO_AVX512 inline __m512i v_mix32(__m512i x) {
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
-// uniform_from_index() for flat indices first, first+1, ..., first+15 (mod 2**32).
-LOMO_AVX512 inline __m512 v_uniform(uint64_t first, __m512i seed_hash) {
+// The 24-bit integers r >> 8 behind uniform_from_index() (uniform = (r >> 8) * 2**-24) for flat
+// indices first, first+1, ..., first+15 (mod 2**32).
+LOMO_AVX512 inline __m512i v_uniform24(uint64_t first, __m512i seed_hash) {
   const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i index = _mm512_add_epi32(v_u32(static_cast<uint32_t>(first)), lanes);
-  const __m512i r = v_mix32(_mm512_xor_si512(index, seed_hash));
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 8)), _mm512_set1_ps(5.9604644775390625e-08f));
+  return _mm512_srli_epi32(v_mix32(_mm512_xor_si512(index, seed_hash)), 8);
 }
 
-// round_stochastic<bf16>().
-LOMO_AVX512 inline __m512i v_bf16_stochastic(__m512 v, __m512 uniform) {
-  const __m512i near = v_bf16_nearest(v);
-  const __m512 mag = v_abs(v), near_mag = v_abs(v_bf16_to_f32(near));
-  __mmask16 keep_near = _mm512_cmp_ps_mask(near_mag, mag, _CMP_EQ_OQ) | static_cast<__mmask16>(~v_is_finite(v));
-  const __mmask16 above = _mm512_cmp_ps_mask(near_mag, mag, _CMP_GT_OQ);
-  const __m512i lo = _mm512_mask_sub_epi32(near, above, near, v_u32(1u));
-  const __m512i hi = _mm512_add_epi32(lo, v_u32(1u));
-  const __m512 lo_mag = v_abs(v_bf16_to_f32(lo)), hi_mag = v_abs(v_bf16_to_f32(hi));
-  keep_near |= static_cast<__mmask16>(~v_is_finite(hi_mag));
-  const __m512 p = _mm512_div_ps(_mm512_sub_ps(mag, lo_mag), _mm512_sub_ps(hi_mag, lo_mag));
-  const __m512i rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(uniform, p, _CMP_LT_OQ), lo, hi);
-  return _mm512_mask_blend_epi32(keep_near, rounded, near);
+// round_stochastic<bf16>() without its division. For finite v that is not a bf16 value, the
+// neighbours are lo = v truncated to bf16 (its upper 16 bits) and hi = lo + 1 (one step up in
+// magnitude), and (|v| - lo)/(hi - lo) is exactly (low 16 bits of v) * 2**-16 (both differences are
+// exact, and the spacing is a power of two); so `uniform < p` is the integer test
+// (r >> 8) < (low16 << 8) on the 24-bit uniform r >> 8. A representable v has low16 == 0 (never up).
+// Non-finite v, and v whose upper neighbour would be infinite (lo = 0x7f7f), take the nearest
+// rounding, as the scalar code does.
+LOMO_AVX512 inline __m512i v_bf16_stochastic(__m512 v, __m512i uniform24) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i magnitude = _mm512_and_si512(bits, v_u32(0x7fffffffu));
+  const __m512i trunc = _mm512_srli_epi32(bits, 16);
+  const __mmask16 up = _mm512_cmplt_epu32_mask(uniform24, _mm512_slli_epi32(_mm512_and_si512(bits, v_u32(0xffffu)), 8));
+  const __m512i rounded = _mm512_mask_add_epi32(trunc, up, trunc, v_u32(1u));
+  const __mmask16 keep_near = static_cast<__mmask16>(~v_is_finite(v)) |
+                              _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(magnitude, 16), v_u32(0x7f7fu));
+  return _mm512_mask_mov_epi32(rounded, keep_near, v_bf16_nearest(v));
 }
 
 // w[i] <- rule(w[i], g[i]) for i < count, W float or bf16, g fp32.
@@ -155,7 +158,7 @@ LOMO_AVX512 void update_span_avx512(W* w, const float* g, int64_t count, int64_t
     for (; i + 16 <= count; i += 16) {
       const __m512i wbits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
       const __m512 v = v_updated_value(v_bf16_to_f32(wbits), _mm512_loadu_ps(g + i), rule);
-      const __m512i out = v_bf16_stochastic(v, v_uniform(static_cast<uint64_t>(flat0 + i), rule.seed_hash));
+      const __m512i out = v_bf16_stochastic(v, v_uniform24(static_cast<uint64_t>(flat0 + i), rule.seed_hash));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm512_cvtepi32_epi16(out));
     }
   } else {

@@ -519,3 +519,29 @@ def test_bf16_linear_update_scratch_is_one_block(mode, monkeypatch):
                                                              rounding="stochastic", backend="cpu"))
         blocks = 1 if mode == "mkl" else 2
         assert peak <= blocks * (1 << 20) + (64 << 10), peak
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_bf16_rounding_of_arbitrary_fp32_bits(rounding, monkeypatch):
+    """Rounding every class of fp32 value into bf16 (random bit patterns: subnormals, binade edges,
+    values next to the largest bf16 and to infinity, inf, nan): the AVX-512 epilogue (division-free
+    stochastic rounding), the scalar one and the torch reference agree bit for bit. The update
+    0 - 1·(-v) is v exactly, so each element rounds v itself."""
+    g = torch.Generator().manual_seed(2026)
+    bits = torch.randint(-2**31, 2**31 - 1, (20011,), generator=g, dtype=torch.int64).to(torch.int32)
+    v = bits.view(torch.float32).clone()
+    edges = torch.tensor([0x7F7F0000, 0x7F7F8000, 0x7F7FFFFF, 0x7F800000, 0x00000001, 0x007FFFFF, 0x00800000,
+                          0x3F80FFFF, 0x3F7FFFFF, 0x00008000, 0x0000FFFF], dtype=torch.int64).to(torch.int32)
+    v[:edges.numel()] = edges.view(torch.float32)
+    v[edges.numel():2 * edges.numel()] = -edges.view(torch.float32)
+    w = torch.zeros(v.numel(), dtype=torch.bfloat16)
+    out = {}
+    for simd in ("1", "0"):
+        monkeypatch.setenv("LOMO_CPU_SIMD", simd)
+        p = w.clone()
+        lk.dense_update_(p, -v, lr=1.0, rounding=rounding, seed=99, backend="cpu")
+        out[simd] = p
+    reference = w.clone()
+    lk.dense_update_(reference, -v, lr=1.0, rounding=rounding, seed=99, backend="torch")
+    assert_bitwise(out["1"], out["0"])
+    assert_bitwise(out["1"], reference)
