@@ -23,7 +23,8 @@ the summed gradient. An embedding use joins a linear one as ``G = one_hot(idx)áµ
 buffer exists. Uses are counted in the forward (recomputation inside a backward is not a new use);
 uses whose backward never runs are flushed when the owner's backward pass ends.
 
-Every other trainable parameter (norms, biases, raw ``nn.Parameter`` tensors) is *dense*: autograd
+Every other trainable parameter (norms, biases, raw ``nn.Parameter`` tensors, and the weights named in
+the optimizer's ``unfused=[...]``, e.g. an embedding a model also indexes directly) is *dense*: autograd
 sums its uses, and a post-accumulate-grad hook applies the rule and frees the gradient at once.
 
 The hold keeps only a weak reference to its owner: when the optimizer is closed or garbage-collected
@@ -49,7 +50,12 @@ except Exception:  # pragma: no cover - transformers missing or broken
 
 
 class UnfusedUseError(RuntimeError):
-    """A held weight was used by an op that cannot be fused (raised before any weight changes)."""
+    """A held weight was used by an op that cannot be fused (raised before any weight changes).
+    ``parameter`` is its name, ``op`` the op's."""
+
+    def __init__(self, message: str, parameter: str, op: str | None = None):
+        super().__init__(message)
+        self.parameter, self.op = parameter, op
 
 
 class Updater(Protocol):
@@ -207,8 +213,10 @@ class Router(TorchFunctionMode):
             raise UnfusedUseError(
                 f"parameter {site.name!r} is held by a fused optimizer, but `{_name_of(func)}` uses it, which "
                 "cannot be fused (only F.linear, F.embedding and Conv1D's addmm can): its gradient would be "
-                "built and then lost. No weight was changed. Rewrite the use as F.linear/F.embedding, or "
-                "set requires_grad=False on it (or exclude the module) before creating the optimizer.")
+                "built and then lost. No weight was changed. Pass its name in the optimizer's "
+                f"unfused=[{site.name!r}] (it is then updated from its own gradient, materialized one "
+                "parameter at a time), freeze it, or rewrite the use as F.linear/F.embedding.",
+                site.name, _name_of(func))
         return out
 
     def _differentiable(self, out) -> bool:
@@ -245,7 +253,8 @@ class Router(TorchFunctionMode):
                        if _arg(args, kwargs, i, name)]
         if unsupported:
             raise UnfusedUseError(f"parameter {site.name!r}: F.embedding with {', '.join(unsupported)} cannot be "
-                                  "fused (no weight was changed)")
+                                  f"fused (no weight was changed); pass unfused=[{site.name!r}] to the optimizer",
+                                  site.name, "F.embedding")
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
         site.note_use()
@@ -255,11 +264,13 @@ class Router(TorchFunctionMode):
 
 # --- the hold ----------------------------------------------------------------------------------------
 
-def _fused_modules(model: nn.Module):
-    """(module name, module, kind) of the modules whose weight a fused optimizer holds."""
+def _fused_modules(model: nn.Module, unfused: frozenset = frozenset()):
+    """(module name, module, kind) of the modules whose weight a fused optimizer holds (``unfused``:
+    parameter names left to the dense route)."""
+    names = {id(p): n for n, p in model.named_parameters()}
     for name, module in model.named_modules(remove_duplicate=False):
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+        if not isinstance(weight, nn.Parameter) or not weight.requires_grad or names.get(id(weight)) in unfused:
             continue
         if isinstance(module, nn.Linear) or (_HFConv1D is not None and isinstance(module, _HFConv1D)):
             yield name, module, "linear"
@@ -276,7 +287,7 @@ def _fused_modules(model: nn.Module):
 class Hold:
     """What a fused optimizer holds of a model; ``release()`` gives the plain model back exactly."""
 
-    def __init__(self, model: nn.Module, owner: Owner):
+    def __init__(self, model: nn.Module, owner: Owner, unfused: frozenset = frozenset()):
         existing: Hold | None = model.__dict__.get("_lomo_hold")
         if existing is not None:
             holder = existing.owner
@@ -295,7 +306,7 @@ class Hold:
         self.dense: dict[str, nn.Parameter] = {}
         self._handles: list = []
         hooked_modules = [model]
-        for _, module, _kind in _fused_modules(model):
+        for _, module, _kind in _fused_modules(model, unfused):
             weight = module.weight
             if id(weight) not in self.sites:
                 self.sites[id(weight)] = WeightSite(names[id(weight)], weight, self)
@@ -413,7 +424,8 @@ class Hold:
                         raise UnfusedUseError(
                             f"parameter {site.name!r} is held by a fused optimizer but reaches the loss through "
                             f"`{type(node).__name__}`, outside any routed F.linear/F.embedding call; its gradient "
-                            "cannot be fused. No weight was changed.")
+                            f"cannot be fused. No weight was changed. Pass unfused=[{site.name!r}] to the "
+                            "optimizer to update it from its own gradient.", site.name, type(node).__name__)
                     continue  # an AccumulateGrad: a leaf, and another use of it may still be checked
                 seen.add(child)
                 stack.append(child)
@@ -434,9 +446,10 @@ class _Routing:
         self.router.exit()
 
 
-def hold(model: nn.Module, owner: Owner) -> Hold:
-    """Hold ``model``'s weights for ``owner`` (a fused optimizer); see the module doc."""
-    return Hold(model, owner)
+def hold(model: nn.Module, owner: Owner, unfused=frozenset()) -> Hold:
+    """Hold ``model``'s weights for ``owner`` (a fused optimizer); see the module doc. The parameters named
+    in ``unfused`` are updated from their own gradient (the dense route) even if a module would hold them."""
+    return Hold(model, owner, frozenset(unfused))
 
 
 def release(model: nn.Module) -> None:

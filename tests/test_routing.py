@@ -396,3 +396,16 @@ def test_in_place_ops_on_routed_outputs_work_and_stay_exact():
     sgd_steps(ref, data, lambda m, ids: m(ids), lr=0.1, weight_decay=0.1)
     fused_steps(model, data, lambda m, ids: m(ids), lr=0.1, weight_decay=0.1)
     assert_same(model, ref)
+
+
+def test_unfused_weights_take_the_dense_route_exactly():
+    model = Misuse(lambda x, w: (x @ w.t()).square().sum())
+    ref = copy.deepcopy(model)
+    data = [torch.randn(2, 4) for _ in range(2)]
+    with pytest.raises(lk.UnfusedUseError) as info:
+        with lk.Lomo(model, lr=0.1):
+            model(data[0])
+    assert info.value.parameter == "lin.weight" and info.value.op == "Tensor.t"
+    sgd_steps(ref, data, lambda m, x: m(x), lr=0.1, weight_decay=0.1, clip_value=0.5)
+    fused_steps(model, data, lambda m, x: m(x), lr=0.1, weight_decay=0.1, clip_value=0.5, unfused=["lin.weight"])
+    assert_same(model, ref)

@@ -39,3 +39,14 @@ def non_negative(name: str, value) -> float:
 def choice(name: str, value, options) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def parameter_names(name: str, value, model) -> frozenset:
+    """A collection of names of the model's trainable parameters."""
+    if isinstance(value, str):
+        raise TypeError(f"{name} must be a collection of parameter names, got the string {value!r}")
+    names = frozenset(value)
+    unknown = sorted(names - {n for n, p in model.named_parameters() if p.requires_grad})
+    if unknown:
+        raise ValueError(f"{name} names parameters that are not trainable parameters of the model: {unknown[:5]}")
+    return names

@@ -56,7 +56,7 @@ STATISTICS = ("recompute", "materialize")
 
 class AdaLomo(FusedOptimizer):
     """Same arguments and defaults as lomo-optim 0.1.1's ``AdaLomo``; ``statistics``, ``backend``,
-    ``rounding`` and ``seed`` are ours. ``loss_scale`` is a fixed factor (``None``/0: none): the loss is
+    ``rounding``, ``seed``, ``no_decay`` and ``unfused`` (as for ``Lomo``) are ours. ``loss_scale`` is a fixed factor (``None``/0: none): the loss is
     multiplied by it and every gradient divided by it. fp16 weights get the norm phase's overflow
     check: a non-finite gradient skips the step (the fixed scale is not changed)."""
 
@@ -64,7 +64,7 @@ class AdaLomo(FusedOptimizer):
                  eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                  weight_decay: float = 0.0, *, statistics: str = "recompute", backend: str = "auto",
-                 rounding: str | None = None, seed: int = 0, no_decay=()):
+                 rounding: str | None = None, seed: int = 0, no_decay=(), unfused=()):
         weight_decay = _checks.non_negative("weight_decay", weight_decay)
         loss_scale = _checks.number("loss_scale", loss_scale, low=0.0, optional=True)
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
@@ -85,7 +85,7 @@ class AdaLomo(FusedOptimizer):
         super().__init__(model, dict(lr=lr, eps=self.eps, weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
                                      clip_grad_value=clip_grad_value),
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
-                         rounding=rounding, seed=seed, no_decay=no_decay)
+                         rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused)
         self.exp_avg_sq: dict[str, torch.Tensor] = {}
         self.exp_avg_sq_row: dict[str, torch.Tensor] = {}
         self.exp_avg_sq_col: dict[str, torch.Tensor] = {}

@@ -45,7 +45,7 @@ STATE_FORMAT = 1
 
 class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, defaults: dict, *, clip_grad_norm, clip_grad_value, backend: str,
-                 rounding: str | None, seed: int, no_decay=()):
+                 rounding: str | None, seed: int, no_decay=(), unfused=()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         defaults["lr"] = _checks.non_negative("lr", defaults["lr"])
@@ -59,13 +59,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if isinstance(no_decay, str):
-            raise TypeError(f"no_decay must be a collection of parameter names, got the string {no_decay!r}")
-        self.no_decay = frozenset(no_decay)
-        unknown = sorted(self.no_decay - trainable)
-        if unknown:
-            raise ValueError(f"no_decay names parameters that are not trainable parameters of the model: {unknown[:5]}")
+        self.no_decay = _checks.parameter_names("no_decay", no_decay, model)
+        self.unfused = _checks.parameter_names("unfused", unfused, model)
         super().__init__(params, defaults)
         self.model = model
         self.backend = backend
@@ -88,7 +83,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.updater = self              # where held weights' gradients go (``reroute`` changes it)
         self.in_fused_backward = False
         self.closed = False
-        self.held = hold(model, self)
+        self.held = hold(model, self, self.unfused)
         self._release = weakref.finalize(self, self.held.release)  # garbage collection ends the hold too
 
     def __repr__(self) -> str:

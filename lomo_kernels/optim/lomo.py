@@ -14,8 +14,9 @@ class Lomo(FusedOptimizer):
     """LOMO (Lv et al. 2023): ``W <- (1 - lr·wd)·W - lr·c·clamp(g / loss_scale, ±clip_grad_value)``.
 
     Same arguments and defaults as lomo-optim 0.1.1; ``backend``, ``rounding`` (None: stochastic for
-    bf16 weights, nearest otherwise), ``seed`` and ``no_decay`` (names of parameters without weight
-    decay) are ours. Use::
+    bf16 weights, nearest otherwise), ``seed``, ``no_decay`` (names of parameters without weight
+    decay) and ``unfused`` (names of held weights to update from their own materialized gradient,
+    for uses the router cannot fuse) are ours. Use::
 
         opt = Lomo(model, lr=1e-3, clip_grad_norm=1.0)
         loss = model(**batch).loss
@@ -31,7 +32,7 @@ class Lomo(FusedOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, clip_grad_norm: float | None = None,
                  clip_grad_value: float | None = None, weight_decay: float = 0.0, loss_scale_args: dict | None = None,
-                 *, backend: str = "auto", rounding: str | None = None, seed: int = 0, no_decay=()):
+                 *, backend: str = "auto", rounding: str | None = None, seed: int = 0, no_decay=(), unfused=()):
         self.weight_decay = _checks.non_negative("weight_decay", weight_decay)
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
             raise TypeError(f"loss_scale_args must be None or a dict, got {loss_scale_args!r}")
@@ -39,7 +40,7 @@ class Lomo(FusedOptimizer):
         super().__init__(model, dict(lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
                                      weight_decay=weight_decay),
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
-                         rounding=rounding, seed=seed, no_decay=no_decay)
+                         rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused)
         self.loss_scaler = DynamicLossScaler(**self.loss_scale_args) if self.checks_overflow else None
 
     @property
