@@ -219,6 +219,58 @@ LOMO_AVX512 double dot_avx512(const float* a, const float* b, int64_t n) {
   for (; i < n; ++i) s += static_cast<double>(a[i] * b[i]);
   return s;
 }
+// One row of AdaLomo's sums pass: returns Σ_j u², adds u_j² to cols[j] (double), and the norm terms
+// of u0 = g*inv (before clipping) to *square / *bad; u = clamp_nan(u0, ±bound).
+LOMO_AVX512 double sq_sums_row_avx512(const float* g, int64_t n, float inv, float bound, double* cols, double* square,
+                                      int64_t* bad) {
+  const __m512 vinv = _mm512_set1_ps(inv), vb = _mm512_set1_ps(bound), vnb = _mm512_set1_ps(-bound);
+  __m512d row0 = _mm512_setzero_pd(), row1 = _mm512_setzero_pd(), sq0 = _mm512_setzero_pd(), sq1 = _mm512_setzero_pd();
+  int64_t nonfinite = 0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 u0 = _mm512_mul_ps(_mm512_loadu_ps(g + j), vinv);
+    const __m512 s0 = _mm512_mul_ps(u0, u0);
+    sq0 = _mm512_add_pd(sq0, v_low_pd(s0));
+    sq1 = _mm512_add_pd(sq1, v_high_pd(s0));
+    nonfinite += __builtin_popcount(static_cast<unsigned>(static_cast<__mmask16>(~v_is_finite(u0))));
+    const __m512 lower = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u0, vnb, _CMP_LT_OQ), u0, vnb);
+    const __m512 u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(vb, lower, _CMP_LT_OQ), lower, vb);
+    const __m512 su = _mm512_mul_ps(u, u);
+    const __m512d lo = v_low_pd(su), hi = v_high_pd(su);
+    row0 = _mm512_add_pd(row0, lo);
+    row1 = _mm512_add_pd(row1, hi);
+    _mm512_storeu_pd(cols + j, _mm512_add_pd(_mm512_loadu_pd(cols + j), lo));
+    _mm512_storeu_pd(cols + j + 8, _mm512_add_pd(_mm512_loadu_pd(cols + j + 8), hi));
+  }
+  double row = v_sum_pd(_mm512_add_pd(row0, row1)), sq = v_sum_pd(_mm512_add_pd(sq0, sq1));
+  for (; j < n; ++j) {
+    const float u0 = mul_rn(g[j], inv);
+    sq += static_cast<double>(mul_rn(u0, u0));
+    nonfinite += !is_finite(u0);
+    const float u = clamp_nan(u0, bound);
+    const float su = mul_rn(u, u);
+    row += su;
+    cols[j] += su;
+  }
+  *square += sq;
+  *bad += nonfinite;
+  return row;
+}
+
+// g_j <- (clamp_nan(g_j*inv, ±bound) * rscale) * col_scale_j for one row.
+LOMO_AVX512 void scale_row_avx512(float* g, int64_t n, float inv, float bound, float rscale, const float* col_scale) {
+  const __m512 vinv = _mm512_set1_ps(inv), vb = _mm512_set1_ps(bound), vnb = _mm512_set1_ps(-bound);
+  const __m512 vr = _mm512_set1_ps(rscale);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 u0 = _mm512_mul_ps(_mm512_loadu_ps(g + j), vinv);
+    const __m512 lower = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u0, vnb, _CMP_LT_OQ), u0, vnb);
+    const __m512 u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(vb, lower, _CMP_LT_OQ), lower, vb);
+    _mm512_storeu_ps(g + j, _mm512_mul_ps(_mm512_mul_ps(u, vr), _mm512_loadu_ps(col_scale + j)));
+  }
+  for (; j < n; ++j) g[j] = mul_rn(mul_rn(clamp_nan(mul_rn(g[j], inv), bound), rscale), col_scale[j]);
+}
+
 #pragma GCC diagnostic pop
 #endif  // x86-64
 
@@ -586,10 +638,18 @@ void adalomo_sq_sums(const at::Tensor& row_sums, const at::Tensor& col_sums, con
   float* rs = row_sums.data_ptr<float>();
   NormSums norm;
   for_each_gradient_block(x, grad_out, [&](int64_t r0, int64_t rows, const float* g) {
+    const bool simd = simd_enabled();
     for (int64_t r = 0; r < rows; ++r) {
       const float* gr = g + r * in_f;
       double row = 0.0, square = 0.0;
       int64_t bad = 0;
+#ifdef LOMO_HAVE_AVX512_PATH
+      if (simd) {
+        rs[r0 + r] += static_cast<float>(sq_sums_row_avx512(gr, in_f, inv, bound, cols.data(), &norm.square,
+                                                            &norm.nonfinite));
+        continue;
+      }
+#endif
       for (int64_t j = 0; j < in_f; ++j) {
         const float u0 = mul_rn(gr[j], inv);
         const float sq0 = mul_rn(u0, u0);
@@ -604,6 +664,7 @@ void adalomo_sq_sums(const at::Tensor& row_sums, const at::Tensor& col_sums, con
       norm.square += square;
       norm.nonfinite += bad;
     }
+    (void)simd;
   });
   float* cs = col_sums.data_ptr<float>();
   for (int64_t j = 0; j < in_f; ++j) cs[j] += static_cast<float>(cols[static_cast<size_t>(j)]);
@@ -613,12 +674,22 @@ void adalomo_sq_sums(const at::Tensor& row_sums, const at::Tensor& col_sums, con
 // u_ij <- (u_ij * row_scale_i) * col_scale_j in place on a block (rows r0.. of G), u clamped first.
 void scale_block(float* g, int64_t r0, int64_t rows, int64_t in_f, const float* row_scale, const float* col_scale,
                  float inv, float bound) {
+  const bool simd = simd_enabled();
 #pragma omp parallel for schedule(static) if (rows * in_f > kParallelGrain)
   for (int64_t r = 0; r < rows; ++r) {
     float* gr = g + r * in_f;
     const float rscale = row_scale[r0 + r];
-    for (int64_t j = 0; j < in_f; ++j) gr[j] = mul_rn(mul_rn(clamp_nan(mul_rn(gr[j], inv), bound), rscale), col_scale[j]);
+#ifdef LOMO_HAVE_AVX512_PATH
+    if (simd) {
+      scale_row_avx512(gr, in_f, inv, bound, rscale, col_scale);
+      continue;
+    }
+#endif
+    for (int64_t j = 0; j < in_f; ++j) {
+      gr[j] = mul_rn(mul_rn(clamp_nan(mul_rn(gr[j], inv), bound), rscale), col_scale[j]);
+    }
   }
+  (void)simd;
 }
 
 void adalomo_scaled_sqnorm(const at::Tensor& stats, const at::Tensor& x, const at::Tensor& grad_out,

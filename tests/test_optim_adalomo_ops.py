@@ -117,8 +117,11 @@ def _operands(tokens, in_f, out_f, act_dtype):
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
 @pytest.mark.parametrize("clip_value", [None, 0.05])
 @pytest.mark.parametrize("tokens,in_f,out_f", ODD)
-def test_compiled_sq_sums_with_norm_terms(tokens, in_f, out_f, clip_value, act_dtype):
-    """Row/column sums within 1e-5 of float64, and ``stats`` equal to the norm pass's terms (unclipped)."""
+@pytest.mark.parametrize("simd", ["1", "0"], ids=["avx512", "scalar"])
+def test_compiled_sq_sums_with_norm_terms(tokens, in_f, out_f, clip_value, act_dtype, simd, monkeypatch):
+    """Row/column sums within 1e-5 of float64, and ``stats`` equal to the norm pass's terms (unclipped);
+    both epilogues (LOMO_CPU_SIMD=0: the scalar one)."""
+    monkeypatch.setenv("LOMO_CPU_SIMD", simd)
     w, x, dy = _operands(tokens, in_f, out_f, act_dtype)
     g = clipped_gradient(x, dy, 4.0, clip_value)
     unclipped = clipped_gradient(x, dy, 4.0, None)
@@ -162,9 +165,11 @@ def test_compiled_scaled_sqnorm(tokens, in_f, out_f, clip_value, act_dtype):
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
 @pytest.mark.parametrize("clip_value", [None, 0.05])
 @pytest.mark.parametrize("tokens,in_f,out_f", ODD)
-def test_compiled_linear_update(tokens, in_f, out_f, clip_value, act_dtype, w_dtype, rounding):
+@pytest.mark.parametrize("simd", ["1", "0"], ids=["avx512", "scalar"])
+def test_compiled_linear_update(tokens, in_f, out_f, clip_value, act_dtype, w_dtype, rounding, simd, monkeypatch):
     """fp32 weights within 1e-5 (of the largest term) of float64; bf16 weights within one bf16 ulp
-    (nearest) or on one of the two neighbours (stochastic) of the float64 update."""
+    (nearest) or on one of the two neighbours (stochastic) of the float64 update; both epilogues."""
+    monkeypatch.setenv("LOMO_CPU_SIMD", simd)
     w, x, dy = _operands(tokens, in_f, out_f, act_dtype)
     w = w.to(w_dtype)
     r, c = torch.rand(out_f) + 0.5, torch.rand(in_f) + 0.5
