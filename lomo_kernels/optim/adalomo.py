@@ -64,7 +64,8 @@ class AdaLomo(FusedOptimizer):
                  eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                  weight_decay: float = 0.0, *, statistics: str = "recompute", backend: str = "auto",
-                 rounding: str | None = None, seed: int = 0, no_decay=(), unfused=()):
+                 rounding: str | None = None, seed: int = 0, no_decay=(), unfused=(),
+                 on_nonfinite: str | None = None):
         weight_decay = _checks.non_negative("weight_decay", weight_decay)
         loss_scale = _checks.number("loss_scale", loss_scale, low=0.0, optional=True)
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
@@ -85,7 +86,8 @@ class AdaLomo(FusedOptimizer):
         super().__init__(model, dict(lr=lr, eps=self.eps, weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
                                      clip_grad_value=clip_grad_value),
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
-                         rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused)
+                         rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused,
+                         on_nonfinite=on_nonfinite)
         self.exp_avg_sq: dict[str, torch.Tensor] = {}
         self.exp_avg_sq_row: dict[str, torch.Tensor] = {}
         self.exp_avg_sq_col: dict[str, torch.Tensor] = {}

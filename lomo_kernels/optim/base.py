@@ -28,6 +28,7 @@ Per-parameter rules are small overridable methods, one per kind of use and phase
 """
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 
@@ -40,12 +41,20 @@ from ..ops._common import BACKENDS, ROUNDINGS, mix32_int
 from ..routing import hold
 from . import _checks
 
+logger = logging.getLogger("lomo_kernels")
+
 STATE_FORMAT = 1
+# What a non-finite gradient does to a step (a non-finite loss always skips the step before its backward):
+#   skip_step  every step gets a norm phase; a non-finite gradient skips the step, no weight changes
+#   raise      the same, then FloatingPointError
+#   partial    no extra pass; the step is applied (the default for fp32/bf16 weights)
+NONFINITE_MODES = ("skip_step", "raise", "partial")
 
 
 class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, defaults: dict, *, clip_grad_norm, clip_grad_value, backend: str,
-                 rounding: str | None, seed: int, no_decay=(), unfused=()):
+                 rounding: str | None, seed: int, no_decay=(), unfused=(),
+                 on_nonfinite: str | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         defaults["lr"] = _checks.non_negative("lr", defaults["lr"])
@@ -71,6 +80,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.clip_coef = 1.0
         # fp16 weights overflow easily: their steps always get a norm phase to catch it before any write.
         self.checks_overflow = any(p.dtype == torch.float16 for p in params)
+        if on_nonfinite is not None:
+            _checks.choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
+        elif self.checks_overflow:
+            on_nonfinite = "skip_step"
+        self.on_nonfinite = on_nonfinite or "partial"
         self._fresh_norm = False
         self._overflow = False
         self._norm_stats: dict[torch.device, torch.Tensor] = {}
@@ -193,7 +207,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return self.lr
         return _checks.non_negative("lr", lr)
 
-    def _backward(self, loss: torch.Tensor, retain_graph: bool) -> None:
+    def _check_loss(self, loss) -> None:
         if self.closed:
             raise RuntimeError(f"{self!r} is closed: it no longer holds the model")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -201,6 +215,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                              + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
         if not loss.requires_grad:
             raise ValueError("loss does not require grad: it was computed without autograd (torch.no_grad?)")
+
+    def _backward(self, loss: torch.Tensor, retain_graph: bool) -> None:
+        self._check_loss(loss)
         self.held.check_graph(loss)
         self._calls.clear()
         self.in_fused_backward = True
@@ -229,8 +246,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @property
     def needs_norm_phase(self) -> bool:
-        """True when every step needs ``grad_norm`` first: global-norm clipping, or fp16 overflow checks."""
-        return self.clip_grad_norm is not None or self.checks_overflow
+        """True when every step needs ``grad_norm`` first: global-norm clipping, fp16 overflow checks, or
+        ``on_nonfinite`` asking for a step that is skipped whole."""
+        return self.clip_grad_norm is not None or self.checks_overflow or self.on_nonfinite != "partial"
 
     def grad_norm(self, loss: torch.Tensor) -> float:
         """Norm phase: a backward pass that only measures ``‖g‖`` (weights untouched); keeps the graph
@@ -262,18 +280,26 @@ class FusedOptimizer(torch.optim.Optimizer):
     def fused_backward(self, loss: torch.Tensor, lr: float | None = None) -> None:
         """Backward pass that applies the update as it goes; ``lr`` overrides ``param_groups[0]["lr"]``.
 
-        Runs ``grad_norm(loss)`` first if this step needs a norm phase (``needs_norm_phase``) and it
-        was not called. Sets ``skipped_step`` (True when a non-finite gradient skipped the step).
+        A non-finite loss skips the step before any backward. Runs ``grad_norm(loss)`` first if this step
+        needs a norm phase (``needs_norm_phase``) and it was not called. Sets ``skipped_step`` (True when
+        a non-finite loss or gradient skipped the step); ``on_nonfinite="raise"`` then raises.
         """
         lr = self._check_lr(lr)
-        if self.needs_norm_phase and not self._fresh_norm:
+        self._check_loss(loss)
+        # asked as "is it non-finite?": the planner's fake tensors answer False and take the ordinary path
+        bad_loss = bool((~torch.isfinite(loss.detach())).item())
+        if bad_loss:
+            self._fresh_norm, self._overflow = True, True
+        elif self.needs_norm_phase and not self._fresh_norm:
             self.grad_norm(loss)
         self.param_groups[0]["lr"] = lr
         self.skipped_step = self._fresh_norm and self._overflow
         try:
             if self.skipped_step:
-                self._run_phase("skip", loss, retain_graph=False)  # frees the graph kept by grad_norm
+                self._run_phase("skip", loss, retain_graph=False)  # frees the graph (and ZeRO-3's gathers)
                 self.skipped_steps += 1
+                logger.warning("lomo_kernels: step %d skipped: non-finite %s; no weight was changed",
+                               self.step_count + 1, "loss" if bad_loss else "gradient")
             else:
                 self._run_phase("apply", loss, retain_graph=False)
                 self.step_count += 1
@@ -282,6 +308,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._fresh_norm = False
             self._overflow = False
             self.clip_coef = 1.0
+        if self.skipped_step and self.on_nonfinite == "raise":
+            raise FloatingPointError(f"non-finite {'loss' if bad_loss else 'gradient'} at step {self.step_count + 1} "
+                                     "(on_nonfinite='raise'); no weight was changed")
 
     def step(self, closure=None):
         """No-op: the update was applied during ``fused_backward``. Present for Trainer/scheduler code."""

@@ -32,7 +32,8 @@ class Lomo(FusedOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, clip_grad_norm: float | None = None,
                  clip_grad_value: float | None = None, weight_decay: float = 0.0, loss_scale_args: dict | None = None,
-                 *, backend: str = "auto", rounding: str | None = None, seed: int = 0, no_decay=(), unfused=()):
+                 *, backend: str = "auto", rounding: str | None = None, seed: int = 0, no_decay=(), unfused=(),
+                 on_nonfinite: str | None = None):
         self.weight_decay = _checks.non_negative("weight_decay", weight_decay)
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
             raise TypeError(f"loss_scale_args must be None or a dict, got {loss_scale_args!r}")
@@ -40,7 +41,8 @@ class Lomo(FusedOptimizer):
         super().__init__(model, dict(lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
                                      weight_decay=weight_decay),
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
-                         rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused)
+                         rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused,
+                         on_nonfinite=on_nonfinite)
         self.loss_scaler = DynamicLossScaler(**self.loss_scale_args) if self.checks_overflow else None
 
     @property
