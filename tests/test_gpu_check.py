@@ -126,6 +126,12 @@ def test_build_command_targets_the_local_gpu(monkeypatch):
     assert (way == "cmake") == ("setup.py" in cmd)
 
 
+def test_backend_report_after_a_build():
+    report = gpu_check.backend_report()
+    assert isinstance(report, dict), report
+    assert set(report) == {"torch", "cpu", "cuda", "triton"} and report["torch"][0] is True
+
+
 def test_kernel_bench_odd_shapes_on_cpu():
     rows = gpu_check.bench_kernels(torch.device("cpu"), torch.float32, {"odd": (37, 29)}, (5,), repeats=1)
     assert {r["variant"] for r in rows} >= {"matmul (floor)", "hook (lomo-optim)"}
