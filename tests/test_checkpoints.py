@@ -262,15 +262,24 @@ _KILLED_SAVE = textwrap.dedent("""
             hang("publish")
         return copyfile(src, dst, *a, **k)
 
-    ckpt.torch.save, ckpt.shutil.copyfile = save, copy
+    rmtree = ckpt.shutil.rmtree
+
+    def remove(path, *a, **k):             # mid-prune: the oldest checkpoint half deleted
+        if where == "prune" and "step-00000002" in str(path):
+            next(p for p in __import__("pathlib").Path(path).iterdir() if p.name.endswith(".safetensors")).unlink()
+            hang("prune")
+        return rmtree(path, *a, **k)
+
+    ckpt.torch.save, ckpt.shutil.copyfile, ckpt.shutil.rmtree = save, copy, remove
     sys.exit(main(sys.argv[3:]))
 """)
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "publish"])
+@pytest.mark.parametrize("where", ["checkpoint", "publish", "prune"])
 def test_sigkill_during_a_save_loses_nothing(runs, tmp_path, data_file, capsys, where):
     run = tmp_path / "run"
-    argv = ["train", *TINY, "--data", str(data_file), "--save-every", "2", "--keep-checkpoints", "3",
+    keep = "1" if where == "prune" else "3"  # prune: saving step 4 deletes step 2
+    argv = ["train", *TINY, "--data", str(data_file), "--save-every", "2", "--keep-checkpoints", keep,
             "--steps", "4", "--output", str(run)]
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, where, "4", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO,
@@ -293,6 +302,7 @@ def test_sigkill_during_a_save_loses_nothing(runs, tmp_path, data_file, capsys, 
     # never a half-written checkpoint under its final name, and the published model is complete
     intact, damaged = ckpt.newest_intact_checkpoint(run)
     assert damaged == [] and intact.state["step"] == (2 if where == "checkpoint" else 4)
+    assert all(ckpt.verify_checkpoint(c)[0] is not None for c in ckpt.checkpoint_dirs(run))
     assert ckpt.safetensors_problem(run / "model.safetensors") == ""
     from transformers import AutoModelForCausalLM
 

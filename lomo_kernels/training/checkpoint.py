@@ -124,8 +124,8 @@ def save_checkpoint(run_dir: Path, step: int, model, save_tokenizer, training_st
         for p in tmp.iterdir():
             fsync_file(p)
         fsync_dir(tmp)
-        if final.exists():  # a re-saved step (a resumed final step) or a damaged one set aside at resume
-            shutil.rmtree(final)
+        if final.exists():  # a re-saved step (e.g. a resumed final step)
+            _remove_atomically(final)
         os.replace(tmp, final)
         fsync_dir(root)
     except BaseException:
@@ -133,9 +133,19 @@ def save_checkpoint(run_dir: Path, step: int, model, save_tokenizer, training_st
         raise
     publish_model_files(final, run_dir)
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old)
-    fsync_dir(root)
+        _remove_atomically(old)
     return final
+
+
+def _remove_atomically(directory: Path) -> None:
+    """Delete a checkpoint so that a crash part-way leaves no half-deleted one under its final name:
+    rename it to a temporary first (removed at the next start if the deletion is interrupted)."""
+    doomed = directory.with_name(f"{TMP_PREFIX}delete-{directory.name}-{os.getpid()}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(directory, doomed)
+    fsync_dir(directory.parent)
+    shutil.rmtree(doomed)
 
 
 def publish_model_files(checkpoint: Path, run_dir: Path) -> None:
