@@ -55,7 +55,13 @@ class FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        # Unpacking first: under non-reentrant checkpointing it recomputes the forward, which must route.
         (x,) = ctx.saved_tensors
+        with torch._C.DisableTorchFunctionSubclass():  # the weight may be a HeldParameter: plain ops here
+            return FusedLinearFunction._backward(ctx, x, dy)
+
+    @staticmethod
+    def _backward(ctx, x, dy):
         weight = ctx.weight
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:

@@ -1,17 +1,25 @@
 """Route a model's weight *uses* through fused updates, whoever makes the call: ``hold(model, owner)``.
 
 A fused optimizer *holds* the weights of the model's ``nn.Linear``, Hugging Face ``Conv1D`` and
-``nn.Embedding`` modules (subclasses included). No module's ``forward`` is replaced. Instead a
-``TorchFunctionMode`` (``Router``) is active while a held model (or one of the modules owning a held
-weight) runs its forward, and during the optimizer's own backward passes (where gradient
-checkpointing recomputes forwards). It sees every torch call and routes those on a held weight:
+``nn.Embedding`` modules (subclasses included). No module's ``forward`` is replaced. Instead every torch
+call that receives a held weight is routed, by one of two means:
+
+* a plain ``nn.Parameter`` becomes a ``HeldParameter`` while held (its class changes, the object and its
+  data stay): its ``__torch_function__`` sees every call it is passed to, anywhere, and only those calls
+  pay (a few µs each);
+* parameters that cannot change class (the planner's ``FakeTensor`` ones) get a ``TorchFunctionMode``
+  (``Router``), active while a held model (or a module owning a held weight) runs its forward and during
+  the optimizer's own backward (where gradient checkpointing recomputes forwards); every call pays.
+
+Routing:
 
 * ``F.linear(x, W, b)``, ``torch.addmm(b, x, W)`` (GPT-2's ``Conv1D``) -> ``FusedLinearFunction``;
 * ``F.embedding(idx, W, padding_idx)`` -> ``FusedEmbeddingFunction``;
-* any other differentiable use of a held weight (``x @ w.t()``, ``w.sum()``, an op the router does not
-  know) raises ``UnfusedUseError`` naming the parameter and the op, in the forward, before any weight
-  changes. A use the router never saw (a weight used outside every held module's forward) is found by
-  ``check_graph`` before a backward starts. Calls without autograd (``torch.no_grad``, generation,
+* any other differentiable use of a held weight inside a held forward (``x @ w.t()``, ``w.sum()``, an op
+  the router does not know) raises ``UnfusedUseError`` naming the parameter and the op, before any
+  weight changes. A differentiable use outside every held forward (a regularizer in the training loop,
+  a graph built before the hold) is the caller's tensor; if it reaches the loss, ``check_graph`` refuses
+  it before the backward starts. Calls without autograd (``torch.no_grad``, generation,
   ``state_dict``) pass through untouched, so a held model's forward is bitwise the plain model's.
 
 A weight used once in a step is updated in its use's backward, right after that use's input gradient
@@ -33,6 +41,7 @@ the model is the plain model again. Any backward over a held model outside the o
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Protocol
 
@@ -133,7 +142,8 @@ class WeightSite:
         if not parts:
             return
         self.updated = True
-        _apply(updater, self.param, parts)
+        with torch._C.DisableTorchFunctionSubclass():  # the updater's ops on a HeldParameter: no routing
+            _apply(updater, self.param, parts)
 
 
 def _apply(updater: Updater, param: torch.Tensor, parts: list[tuple]) -> None:
@@ -177,89 +187,127 @@ def _arg(args, kwargs, index, name, default=None):
     return kwargs.get(name, default)
 
 
+def route(site: WeightSite, func, args, kwargs):
+    """One torch call with a held weight among its arguments (see the module doc), made with routing off."""
+    if func is F.linear and _arg(args, kwargs, 1, "weight") is site.param:
+        return _linear(site, args, kwargs)
+    if func is F.embedding and _arg(args, kwargs, 1, "weight") is site.param:
+        return _embedding(site, args, kwargs)
+    if func is torch.addmm and _arg(args, kwargs, 2, "mat2") is site.param \
+            and _arg(args, kwargs, 3, "beta", 1) == 1 and _arg(args, kwargs, 4, "alpha", 1) == 1:
+        return _addmm(site, args, kwargs)
+    out = func(*args, **kwargs)
+    # Inside a held model's forward an unfusable use is an error; outside (logging, comparisons) it is the
+    # caller's own tensor, and check_graph refuses it before a backward if it reaches the loss.
+    if site.hold.forward_depth and torch.is_grad_enabled() and site.param.requires_grad \
+            and _differentiable(site.hold, out):
+        raise UnfusedUseError(
+            f"parameter {site.name!r} is held by a fused optimizer, but `{_name_of(func)}` uses it, which "
+            "cannot be fused (only F.linear, F.embedding and Conv1D's addmm can): its gradient would be "
+            "built and then lost. No weight was changed. Pass its name in the optimizer's "
+            f"unfused=[{site.name!r}] (it is then updated from its own gradient, materialized one "
+            "parameter at a time), freeze it, or rewrite the use as F.linear/F.embedding.",
+            site.name, _name_of(func))
+    return out
+
+
+def _differentiable(hold: "Hold", out) -> bool:
+    if isinstance(out, torch.Tensor):
+        return out.requires_grad and hold.sites.get(id(out)) is None  # `w.to(w.dtype)` is w itself
+    if isinstance(out, (list, tuple)):
+        return any(_differentiable(hold, o) for o in out)
+    return False
+
+
+def _linear(site, args, kwargs):
+    x, weight, bias = _arg(args, kwargs, 0, "input"), site.param, _arg(args, kwargs, 2, "bias")
+    if not torch.is_grad_enabled() or not weight.requires_grad:
+        return F.linear(x, weight, bias)
+    site.note_use()
+    out = FusedLinearFunction.apply(x, weight, bias, site, False)
+    return out.view(*x.shape[:-1], weight.shape[0]) if out.dim() != x.dim() else out
+
+
+def _addmm(site, args, kwargs):
+    bias, x, weight = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat1"), site.param
+    if not torch.is_grad_enabled() or not weight.requires_grad:
+        return torch.addmm(bias, x, weight)
+    site.note_use()
+    return FusedLinearFunction.apply(x, weight, bias, site, True)
+
+
+def _embedding(site, args, kwargs):
+    indices, weight = _arg(args, kwargs, 0, "input"), site.param
+    padding_idx = _arg(args, kwargs, 2, "padding_idx")
+    if not torch.is_grad_enabled() or not weight.requires_grad:
+        return F.embedding(*args, **kwargs)
+    unsupported = [name for i, name in ((3, "max_norm"), (5, "scale_grad_by_freq"), (6, "sparse"))
+                   if _arg(args, kwargs, i, name)]
+    if unsupported:
+        raise UnfusedUseError(f"parameter {site.name!r}: F.embedding with {', '.join(unsupported)} cannot be "
+                              f"fused (no weight was changed); pass unfused=[{site.name!r}] to the optimizer",
+                              site.name, "F.embedding")
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    site.note_use()
+    out = FusedEmbeddingFunction.apply(indices, weight, padding_idx, site)
+    return out.view(*indices.shape, weight.shape[1]) if out.dim() != indices.dim() + 1 else out
+
+
+def _site_in(sites: dict, args, kwargs) -> WeightSite | None:
+    """The site of the first held weight among a call's arguments (one level into lists), if any."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            site = sites.get(id(value))
+            if site is not None and site.param is value:
+                return site
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                site = sites.get(id(item)) if isinstance(item, torch.Tensor) else None
+                if site is not None and site.param is item:
+                    return site
+    return None
+
+
+_HELD: dict[int, WeightSite] = {}  # id(param) -> site, for every weight held as a HeldParameter
+BY_CLASS = True  # hold plain Parameters as HeldParameters; False: the mode for every model (tests both ways)
+
+
+class HeldParameter(nn.Parameter):
+    """The class a held weight takes while held (real tensors): its ``__torch_function__`` routes every
+    call it is passed to, so only calls on held weights pay. Copies and pickles are plain Parameters."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            site = _site_in(_HELD, args, kwargs)
+            if site is None:  # not held (any more)
+                return func(*args, **kwargs)
+            return route(site, func, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        with torch._C.DisableTorchFunctionSubclass():
+            copy = nn.Parameter(self.data.clone(memory_format=torch.preserve_format), self.requires_grad)
+        memo[id(self)] = copy
+        return copy
+
+
 class Router(TorchFunctionMode):
-    """Routes every torch call on a held weight (see the module doc). Entered while a held model's
-    forward or its owner's backward runs; nested entries are counted, not stacked."""
+    """The same routing for weights that cannot change class (the planner's ``FakeTensor`` parameters, other
+    subclasses): a mode active while a held model's forward or its owner's backward runs (every torch
+    call then pays)."""
 
     def __init__(self, hold: "Hold"):
         super().__init__()
         self.hold = hold
-        self.depth = 0
-
-    def enter(self) -> None:
-        if self.depth == 0:
-            self.__enter__()
-        self.depth += 1
-
-    def exit(self) -> None:
-        self.depth -= 1
-        if self.depth == 0:
-            self.__exit__(None, None, None)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        site = self.hold.site_in(args, kwargs)
+        site = _site_in(self.hold.sites, args, kwargs)
         if site is None:
             return func(*args, **kwargs)
-        if func is F.linear and _arg(args, kwargs, 1, "weight") is site.param:
-            return self._linear(site, args, kwargs)
-        if func is F.embedding and _arg(args, kwargs, 1, "weight") is site.param:
-            return self._embedding(site, args, kwargs)
-        if func is torch.addmm and _arg(args, kwargs, 2, "mat2") is site.param \
-                and _arg(args, kwargs, 3, "beta", 1) == 1 and _arg(args, kwargs, 4, "alpha", 1) == 1:
-            return self._addmm(site, args, kwargs)
-        out = func(*args, **kwargs)
-        if torch.is_grad_enabled() and site.param.requires_grad and self._differentiable(out):
-            raise UnfusedUseError(
-                f"parameter {site.name!r} is held by a fused optimizer, but `{_name_of(func)}` uses it, which "
-                "cannot be fused (only F.linear, F.embedding and Conv1D's addmm can): its gradient would be "
-                "built and then lost. No weight was changed. Pass its name in the optimizer's "
-                f"unfused=[{site.name!r}] (it is then updated from its own gradient, materialized one "
-                "parameter at a time), freeze it, or rewrite the use as F.linear/F.embedding.",
-                site.name, _name_of(func))
-        return out
-
-    def _differentiable(self, out) -> bool:
-        if isinstance(out, torch.Tensor):
-            return out.requires_grad and self.hold.sites.get(id(out)) is None  # `w.to(w.dtype)` is w itself
-        if isinstance(out, (list, tuple)):
-            return any(self._differentiable(o) for o in out)
-        return False
-
-    @staticmethod
-    def _linear(site, args, kwargs):
-        x, weight, bias = _arg(args, kwargs, 0, "input"), site.param, _arg(args, kwargs, 2, "bias")
-        if not torch.is_grad_enabled() or not weight.requires_grad:
-            return F.linear(x, weight, bias)
-        site.note_use()
-        out = FusedLinearFunction.apply(x, weight, bias, site, False)
-        return out.view(*x.shape[:-1], weight.shape[0]) if out.dim() != x.dim() else out
-
-    @staticmethod
-    def _addmm(site, args, kwargs):
-        bias, x, weight = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat1"), site.param
-        if not torch.is_grad_enabled() or not weight.requires_grad:
-            return torch.addmm(bias, x, weight)
-        site.note_use()
-        return FusedLinearFunction.apply(x, weight, bias, site, True)
-
-    @staticmethod
-    def _embedding(site, args, kwargs):
-        indices, weight = _arg(args, kwargs, 0, "input"), site.param
-        padding_idx = _arg(args, kwargs, 2, "padding_idx")
-        if not torch.is_grad_enabled() or not weight.requires_grad:
-            return F.embedding(*args, **kwargs)
-        unsupported = [name for i, name in ((3, "max_norm"), (5, "scale_grad_by_freq"), (6, "sparse"))
-                       if _arg(args, kwargs, i, name)]
-        if unsupported:
-            raise UnfusedUseError(f"parameter {site.name!r}: F.embedding with {', '.join(unsupported)} cannot be "
-                                  f"fused (no weight was changed); pass unfused=[{site.name!r}] to the optimizer",
-                                  site.name, "F.embedding")
-        if padding_idx is not None and padding_idx < 0:
-            padding_idx += weight.shape[0]
-        site.note_use()
-        out = FusedEmbeddingFunction.apply(indices, weight, padding_idx, site)
-        return out.view(*indices.shape, weight.shape[1]) if out.dim() != indices.dim() + 1 else out
+        return route(site, func, args, kwargs)
 
 
 # --- the hold ----------------------------------------------------------------------------------------
@@ -305,14 +353,22 @@ class Hold:
         self.module_uses: dict[int, int] = {}  # id(param) -> number of fused modules owning it (static ties)
         self.dense: dict[str, nn.Parameter] = {}
         self._handles: list = []
-        hooked_modules = [model]
+        owners = []
         for _, module, _kind in _fused_modules(model, unfused):
             weight = module.weight
             if id(weight) not in self.sites:
                 self.sites[id(weight)] = WeightSite(names[id(weight)], weight, self)
-                hooked_modules.append(module)
+                owners.append(module)
             self.module_uses[id(weight)] = self.module_uses.get(id(weight), 0) + 1
-        for module in hooked_modules:
+        # Plain Parameters become HeldParameters (only calls on them pay); anything else gets the mode.
+        self.by_class = BY_CLASS and all(type(site.param) is nn.Parameter for site in self.sites.values())
+        if self.by_class:
+            for key, site in self.sites.items():
+                site.param.__class__ = HeldParameter
+                _HELD[key] = site
+        self.forward_depth = 0  # > 0 inside a held model's forward (or a module owning a held weight)
+        self._mode_depth = 0
+        for module in [model, *owners]:
             self._handles.append(module.register_forward_pre_hook(self._enter))
             self._handles.append(module.register_forward_hook(self._exit, always_call=True))
         for name, param in model.named_parameters():
@@ -333,12 +389,17 @@ class Hold:
         return [site.name for key, site in self.sites.items() if self.module_uses[key] > 1]
 
     def release(self) -> None:
-        """Remove every hook; the model is the plain model again (idempotent)."""
+        """Remove every hook and class change; the model is the plain model again (idempotent)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        while self.router.depth > 0:
-            self.router.exit()
+        for key, site in self.sites.items():
+            if _HELD.get(key) is site:
+                del _HELD[key]
+                site.param.__class__ = nn.Parameter
+        self.forward_depth = 0
+        while self._mode_depth:
+            self.exit_mode()
         model = self._model()
         if model is not None and model.__dict__.get("_lomo_hold") is self:
             del model.__dict__["_lomo_hold"]
@@ -346,25 +407,25 @@ class Hold:
     # --- forward -------------------------------------------------------------------------------------
 
     def _enter(self, module, args):
-        self.router.enter()
+        self.forward_depth += 1
+        self.enter_mode()
 
     def _exit(self, module, args, output):
-        self.router.exit()
+        if self.forward_depth:  # 0 when an earlier pre-hook raised before ours ran
+            self.forward_depth -= 1
+            self.exit_mode()
 
-    def site_in(self, args, kwargs) -> WeightSite | None:
-        """The site of the first held weight among a call's arguments (one level into lists), if any."""
-        sites = self.sites
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, torch.Tensor):
-                site = sites.get(id(value))
-                if site is not None and site.param is value:
-                    return site
-            elif isinstance(value, (list, tuple)):
-                for item in value:
-                    site = sites.get(id(item)) if isinstance(item, torch.Tensor) else None
-                    if site is not None and site.param is item:
-                        return site
-        return None
+    def enter_mode(self) -> None:
+        if not self.by_class:
+            if self._mode_depth == 0:
+                self.router.__enter__()
+            self._mode_depth += 1
+
+    def exit_mode(self) -> None:
+        if not self.by_class and self._mode_depth:
+            self._mode_depth -= 1
+            if self._mode_depth == 0:
+                self.router.__exit__(None, None, None)
 
     # --- backward ------------------------------------------------------------------------------------
 
@@ -431,19 +492,20 @@ class Hold:
                 stack.append(child)
 
     def routing(self):
-        """Context manager: route calls during a backward (gradient checkpointing recomputes forwards)."""
-        return _Routing(self.router)
+        """Context manager for the owner's backward: with the mode, calls are routed there too (gradient
+        checkpointing recomputes forwards inside the backward); HeldParameters route by themselves."""
+        return contextlib.nullcontext() if self.by_class else _ModeOn(self)
 
 
-class _Routing:
-    def __init__(self, router: Router):
-        self.router = router
+class _ModeOn:
+    def __init__(self, hold: Hold):
+        self.hold = hold
 
     def __enter__(self):
-        self.router.enter()
+        self.hold.enter_mode()
 
     def __exit__(self, *exc):
-        self.router.exit()
+        self.hold.exit_mode()
 
 
 def hold(model: nn.Module, owner: Owner, unfused=frozenset()) -> Hold:

@@ -185,4 +185,4 @@ def test_unfusable_use_of_a_held_weight_is_found_in_the_forward():
     with pytest.raises(lk.UnfusedUseError, match=r"'lin.weight'.*Tensor.t"):
         model(torch.randn(2, 4))
     assert torch.equal(lin.weight, before)
-    assert opt.held.router.depth == 0  # the failed forward left routing off
+    assert opt.held.forward_depth == 0  # the failed forward left routing off

@@ -21,6 +21,14 @@ from lomo_kernels.testing import AllocationTracker, tiny_gpt2, tiny_llama
 TOL = 1e-5
 
 
+@pytest.fixture(params=["by_class", "by_mode"], autouse=True)
+def routing_way(request, monkeypatch):
+    """Every test runs with both ways of routing: HeldParameter (plain Parameters) and the mode (what
+    FakeTensor parameters get)."""
+    monkeypatch.setattr(lk.routing, "BY_CLASS", request.param == "by_class")
+    return request.param
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -248,6 +256,19 @@ def test_use_outside_the_forward_is_found_before_the_backward():
     with pytest.raises(lk.UnfusedUseError, match="'lm_head.weight'.*PowBackward0"):
         opt.fused_backward(loss, 0.1)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # reading weights outside the forward (logging, comparisons) is the caller's business
+    assert model.lm_head.weight.double().norm().requires_grad
+
+
+def test_graph_built_before_the_hold_is_refused_before_the_backward():
+    model = tiny_llama()
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.randint(0, 97, (2, 9))
+    loss = lm_loss(model, ids)  # an ordinary graph: every weight has its AccumulateGrad
+    opt = lk.Lomo(model, lr=0.1)
+    with pytest.raises(lk.UnfusedUseError, match="reaches the loss through"):
+        opt.fused_backward(loss, 0.1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_no_grad_uses_pass_through():
@@ -263,8 +284,9 @@ def test_no_grad_uses_pass_through():
 # --- the hold and its end ------------------------------------------------------------------------------
 
 def _is_plain(model):
-    return "_lomo_hold" not in model.__dict__ and not any(m._forward_hooks or m._forward_pre_hooks
-                                                          for m in model.modules())
+    return ("_lomo_hold" not in model.__dict__
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+            and all(type(p) is nn.Parameter for p in model.parameters()))
 
 
 def test_close_with_and_gc_end_the_hold():

@@ -209,7 +209,8 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _plain(t) -> bool:
-    return (type(t) in _PLAIN_TYPES and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    # a Parameter subclass (a weight held by lomo_kernels.routing, whose class says so) is a Parameter here
+    return ((type(t) in _PLAIN_TYPES or isinstance(t, torch.nn.Parameter)) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
             and not torch._is_functional_tensor(t))
 
 
