@@ -1,11 +1,14 @@
 """Register and spill report of the Triton kernels, compiled for named GPU targets without a GPU.
 
 Each kernel variant (weight dtype x activation dtype x rounding, norm-only, dense, embedding) is compiled
-with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` exactly as the backend
-launches it (same constexprs, num_warps, num_stages, no FMA contraction); the resulting PTX is then run
-through the same ``ptxas`` Triton uses, with ``-v``, to read registers, stack frame and spill bytes per
-thread. (Triton's own ``CompiledKernel.n_spills`` is only filled in when a driver loads the binary,
-which needs a GPU.)
+exactly as the backend launches it: the backend's own function (``linear_update`` etc.) is called on CPU
+tensors of a realistic shape with the kernels' ``run`` intercepted, and the captured arguments go through
+Triton's own binder (``create_function_from_signature`` + ``JITFunction._pack_args``: the same signature,
+integer specialization (1 -> constexpr, multiples of 16), pointer alignment, constexprs and options as a
+real launch), then ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``. The PTX is run
+through the ``ptxas`` Triton uses, with Triton's flags and ``-v``, to read registers, stack frame and
+spill bytes per thread. (Triton's own ``CompiledKernel.n_spills`` is only filled in when a driver loads
+the binary, which needs a GPU.)
 
 Must run without ``TRITON_INTERPRET=1`` (under the interpreter ``triton.jit`` returns interpreted
 functions that cannot be compiled): ``python scripts/triton_spills.py [--arch 86 90] [--json FILE]``.
@@ -31,7 +34,9 @@ ARCHS = (86, 90)
 
 
 def variants() -> list[dict]:
-    """Every kernel configuration the backend can launch on a GPU (kernel, signature types, constexprs)."""
+    """Every kernel configuration the backend can launch on a GPU, at a realistic shape; plus odd shapes
+    (no multiple-of-16 specialization) and in_features == 1 (specialized to a constexpr) for the linear
+    kernel's 16-bit stochastic epilogue, its heaviest."""
     out = []
     for w in DTYPES:
         for a in DTYPES:
@@ -39,6 +44,9 @@ def variants() -> list[dict]:
                 out.append(dict(kernel="linear", w=w, act=a, norm_only=False, stochastic=stochastic))
     for a in DTYPES:
         out.append(dict(kernel="linear", w="fp32", act=a, norm_only=True, stochastic=False))
+    for w in ("bf16", "fp16"):
+        out.append(dict(kernel="linear", w=w, act=w, norm_only=False, stochastic=True, shape=(4095, 4097, 2047)))
+        out.append(dict(kernel="linear", w=w, act=w, norm_only=False, stochastic=True, shape=(64, 1, 100)))
     for p in DTYPES:
         for g in DTYPES:
             for stochastic in ((False, True) if p != "fp32" else (False,)):
@@ -52,52 +60,81 @@ def variants() -> list[dict]:
 
 
 def variant_name(v: dict) -> str:
+    mode = "norm" if v.get("norm_only") else ("stochastic" if v["stochastic"] else "nearest")
     if v["kernel"] == "linear":
-        mode = "norm" if v["norm_only"] else ("stochastic" if v["stochastic"] else "nearest")
-        return f"linear w={v['w']} act={v['act']} {mode}"
+        shape = " {}x{} T={}".format(*v["shape"]) if "shape" in v else ""
+        return f"linear w={v['w']} act={v['act']} {mode}{shape}"
     if v["kernel"] == "dense":
-        mode = "norm" if v["norm_only"] else ("stochastic" if v["stochastic"] else "nearest")
         return f"dense p={v['w']} g={v['act']} {mode}"
     rows = "all_rows" if v["all_rows"] else "touched"
-    return f"embedding w={v['w']} {rows} {'stochastic' if v['stochastic'] else 'nearest'}"
+    return f"embedding w={v['w']} {rows} {mode}"
 
 
-def _source(v: dict):
+def _launches(v: dict) -> list[tuple]:
+    """(kernel, args, kwargs) of every kernel launch the backend makes for variant ``v``, captured from the
+    backend's own code on CPU tensors (nothing runs)."""
     import torch
-    from triton.compiler import ASTSource
 
     from lomo_kernels.kernels import triton_update as tu
+    from lomo_kernels.ops._common import UpdateRule
 
-    scalars = {n: "fp32" for n in ("decay", "step", "inv_loss_scale", "clip_value")}
-    scalars["seed_mix"] = "i32"
-    if v["kernel"] == "linear":
-        sig = {"w_ptr": f"*{v['w']}", "x_ptr": f"*{v['act']}", "dy_ptr": f"*{v['act']}", "stats_ptr": "*fp32"}
-        sig.update({n: "i32" for n in ("tokens", "out_features", "in_features", "stride_w_out", "stride_w_in",
-                                         "stride_x_tok", "stride_x_in", "stride_dy_tok", "stride_dy_out")})
-        sig.update(scalars)
-        cfg = tu._gemm_config(getattr(torch, DTYPES[v["act"]]))
-        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-        const = dict(NORM_ONLY=v["norm_only"], STOCHASTIC=v["stochastic"], DOT_IN_FP32=False,
-                     DOT_PRECISION="ieee" if v["act"] == "fp32" else "tf32", **cfg)
-        fn = tu._linear_kernel
-    elif v["kernel"] == "dense":
-        sig = {"p_ptr": f"*{v['w']}", "g_ptr": f"*{v['act']}", "stats_ptr": "*fp32", "numel": "i32",
-               "stride_p": "i32", "stride_g": "i32", **scalars}
-        const = dict(NORM_ONLY=v["norm_only"], STOCHASTIC=v["stochastic"], BLOCK=tu._DENSE_BLOCK)
-        launch = {}
-        fn = tu._dense_kernel
-    else:
-        sig = {"w_ptr": f"*{v['w']}", "g_ptr": "*fp32", "row_of_slot_ptr": "*i64" if not v["all_rows"] else "*i32",
-               "slot_of_row_ptr": "*i32" if v["all_rows"] else "*i64", "n_rows": "i32", "dim": "i32",
-               **{n: "i32" for n in ("stride_w_row", "stride_w_col", "stride_g_row", "stride_g_col")}, **scalars}
-        block_d = 256  # the largest BLOCK_D the backend picks (dim >= 256), the most live values per program
-        const = dict(ALL_ROWS=v["all_rows"], STOCHASTIC=v["stochastic"],
-                     BLOCK_ROWS=max(1, tu._EMBEDDING_TILE // block_d), BLOCK_D=block_d)
-        launch = {}
-        fn = tu._embedding_rows_kernel
-    for name in const:
-        sig[name] = "constexpr"
-    return ASTSource(fn, sig, constexprs=const), launch
+    captured = []
+    kernels = (tu._linear_kernel, tu._dense_kernel, tu._embedding_rows_kernel)
+
+    def capture(kernel):
+        def run(*args, grid, warmup, **kwargs):
+            captured.append((kernel, args, kwargs))
+        return run
+
+    dt = {k: getattr(torch, name) for k, name in DTYPES.items()}
+    rule = UpdateRule(decay=0.999, step=1e-3, inv_loss_scale=1.0, clip_value=1.0, stochastic=v["stochastic"], seed=5)
+    saved_check = tu._check_device
+    for k in kernels:
+        k.run = capture(k)
+    tu._check_device = lambda t: None
+    try:
+        if v["kernel"] == "linear":
+            out_f, in_f, tokens = v.get("shape", (4096, 4096, 2048))
+            x = torch.empty(tokens, in_f, dtype=dt[v["act"]])
+            dy = torch.empty(tokens, out_f, dtype=dt[v["act"]])
+            if v["norm_only"]:
+                tu.linear_grad_sqnorm(torch.zeros(2), x, dy, 1.0)
+            else:
+                tu.linear_update(torch.empty(out_f, in_f, dtype=dt[v["w"]]), x, dy, rule)
+        elif v["kernel"] == "dense":
+            g = torch.empty(1 << 20, dtype=dt[v["act"]])
+            if v["norm_only"]:
+                tu.dense_grad_sqnorm(torch.zeros(2), g, 1.0)
+            else:
+                tu.dense_update(torch.empty(1 << 20, dtype=dt[v["w"]]), g, rule)
+        else:
+            vocab, dim = 32000, 4096
+            w = torch.empty(vocab, dim, dtype=dt[v["w"]])
+            idx = torch.randint(0, vocab, (512,))
+            dy = torch.zeros(512, dim)
+            tu.embedding_update(w, idx, dy, -1, UpdateRule(decay=0.999 if v["all_rows"] else 1.0, step=1e-3,
+                                                           stochastic=v["stochastic"], seed=5))
+    finally:
+        for k in kernels:
+            del k.run
+        tu._check_device = saved_check
+    assert captured, f"no launch captured for {variant_name(v)}"
+    return captured
+
+
+def _compile_launch(kernel, args: tuple, kwargs: dict, arch: int):
+    """triton.compile of one captured launch for ``arch``, specialized exactly as JITFunction.run does."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 _PTXAS_LINE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -121,16 +158,14 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 
 
 def compile_variant(v: dict, arch: int) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from lomo_kernels.kernels.triton_update import _NO_FMA
-
     t0 = time.perf_counter()
-    src, launch = _source(v)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={**launch, **_NO_FMA})
-    rep = ptxas_report(kernel.asm["ptx"], arch)
-    return {"arch": f"sm_{arch}", "variant": variant_name(v), **rep, "shared_bytes": kernel.metadata.shared,
+    reports, shared = [], 0
+    for kernel, args, kwargs in _launches(v):
+        compiled = _compile_launch(kernel, args, kwargs, arch)
+        reports.append(ptxas_report(compiled.asm["ptx"], arch))
+        shared = max(shared, compiled.metadata.shared)
+    worst = {k: max(r[k] for r in reports) for k in reports[0]}
+    return {"arch": f"sm_{arch}", "variant": variant_name(v), **worst, "shared_bytes": shared,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 

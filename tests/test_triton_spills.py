@@ -1,10 +1,15 @@
 """Every Triton kernel variant compiles for sm_86 and sm_90 without register spills. No GPU needed.
 
-scripts/triton_spills.py compiles each variant the backend can launch (linear update for every weight x
-activation dtype and rounding, linear norm-only, dense, embedding touched / all rows) for a named
-``GPUTarget`` with ``triton.compile`` and reads registers, stack frame and spill bytes per thread from
-``ptxas -v`` (Triton's own ptxas and flags). It runs in a subprocess without ``TRITON_INTERPRET``, which
-the test session sets. About 40 s on a 2-core machine.
+scripts/triton_spills.py calls the backend's own functions on CPU tensors with the kernels' launches
+intercepted, specializes each captured launch exactly as ``JITFunction.run`` would (Triton's binder: 1 ->
+constexpr, multiples of 16, pointer alignment), compiles it with ``triton.compile`` for a named
+``GPUTarget`` and reads registers, stack frame and spill bytes per thread from ``ptxas -v`` (Triton's own
+ptxas and flags). Variants: linear update for every weight x activation dtype and rounding, also at odd
+shapes and in_features == 1; linear norm-only; dense; embedding touched / all rows. It runs in a
+subprocess without ``TRITON_INTERPRET``, which the test session sets. 40-60 s on a 2-core machine.
+
+Before the epilogue rewrite (same script, real specialization) fp16 stochastic spilled 1328 B/thread on
+sm_86 and 1376 B on sm_90, bf16 stochastic 856 B (sm_86) / 1112 B (sm_90) at odd shapes.
 """
 from __future__ import annotations
 

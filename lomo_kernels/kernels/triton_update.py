@@ -95,7 +95,7 @@ def _round_stochastic(v, flat_index, seed_mix, DTYPE: tl.constexpr):
     ``uniform < p`` is an integer comparison. Non-finite values, and those whose ``hi`` would be
     infinite, take the nearest rounding, as in the reference.
     """
-    r = _mix32(flat_index.to(tl.uint32) ^ seed_mix.to(tl.uint32)) >> 8  # the uniform is r * 2**-24
+    r = _mix32(flat_index.to(tl.uint32) ^ tl.cast(seed_mix, tl.uint32)) >> 8  # the uniform is r * 2**-24
     bits = v.to(tl.uint32, bitcast=True)
     sign = (bits >> 16) & 0x8000
     if DTYPE == tl.bfloat16:
@@ -184,8 +184,10 @@ def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, tokens, out_features, in_fea
             x = _widen(x)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
     w_tile = w_ptr + (m0.to(tl.int64) * stride_w_out + n0.to(tl.int64) * stride_w_in)
-    flat_base = m0.to(tl.uint32) * in_features.to(tl.uint32) + n0.to(tl.uint32)
-    flat_index = flat_base + (r[:, None].to(tl.uint32) * in_features.to(tl.uint32) + c[None, :].to(tl.uint32))
+    # tl.cast, not .to: an integer argument equal to 1 arrives as a constexpr (Triton's specialization)
+    in_u32 = tl.cast(in_features, tl.uint32)
+    flat_base = m0.to(tl.uint32) * in_u32 + n0.to(tl.uint32)
+    flat_index = flat_base + (r[:, None].to(tl.uint32) * in_u32 + c[None, :].to(tl.uint32))
     _finish_tile(acc, w_tile + (r[:, None] * stride_w_out + c[None, :] * stride_w_in),
                  flat_index, row_ok[:, None] & col_ok[None, :], stats_ptr,
                  decay, step, inv_loss_scale, clip_value, seed_mix, NORM_ONLY, STOCHASTIC)
