@@ -8,3 +8,5 @@ from .routing import UnfusedUseError, release
 __version__ = "0.1.0"
 __all__ = ["Lomo", "AdaLomo", "release", "UnfusedUseError", "available_backends", "linear_update_", "linear_grad_sqnorm_",
            "embedding_update_", "embedding_grad_sqnorm_", "dense_update_", "dense_grad_sqnorm_"]
+from .optim import HiFT  # noqa: E402
+__all__ += ["HiFT"]

@@ -26,6 +26,11 @@ What ``TrainingArguments`` mean here:
 * Checkpoints: the optimizer's ``state_dict`` (AdaLomo statistics, step, loss scaler, rounding seed)
   is saved as ``optimizer.pt`` with the model and restored on resume.
 
+HiFT (``lomo_kernels.HiFT``: one group of layers per step): ``hift=dict(group_size=2, strategy="down2up")``
+wraps the fused optimizer; the scheduler then advances once per cycle of groups (HiFT's rule;
+``lr_schedule="per_step"`` in the dict: every step), and checkpoints hold HiFT's position and every
+group's state.
+
 Not supported (raise at construction): ``gradient_accumulation_steps > 1`` (a fused update cannot
 accumulate gradients: none are kept) and ``fp16=True``/``bf16=True`` (autocast with a GradScaler, or
 mixed weights; load the model in ``torch.float16``/``torch.bfloat16`` instead: the optimizer does fp16
@@ -37,6 +42,7 @@ from transformers import Trainer
 
 from ..optim import AdaLomo, Lomo
 from ..optim.base import FusedOptimizer
+from ..optim.hift import HiFT
 
 OPTIMIZERS = {"lomo": Lomo, "adalomo": AdaLomo}
 
@@ -60,9 +66,12 @@ def build_optimizer(model, args, optimizer_name: str = "lomo", decay_parameters=
 class LomoTrainer(Trainer):
     """``Trainer`` whose backward pass applies a ``Lomo``/``AdaLomo`` update (see the module doc)."""
 
-    def __init__(self, *args, optimizer_name: str = "lomo", optimizer_kwargs: dict | None = None, **kwargs):
+    def __init__(self, *args, optimizer_name: str = "lomo", optimizer_kwargs: dict | None = None,
+                 hift: dict | None = None, **kwargs):
         if optimizer_name not in OPTIMIZERS:
             raise ValueError(f"optimizer_name must be one of {sorted(OPTIMIZERS)}, got {optimizer_name!r}")
+        if hift is not None and not isinstance(hift, dict):
+            raise TypeError(f"hift must be None or a dict of lomo_kernels.HiFT arguments, got {hift!r}")
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("LomoTrainer needs gradient_accumulation_steps=1: fused updates keep no gradient "
@@ -73,7 +82,8 @@ class LomoTrainer(Trainer):
                              "rounding itself")
         self.optimizer_name = optimizer_name
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
-        self._fused: FusedOptimizer | None = None
+        self.hift_kwargs = dict(hift) if hift is not None else None
+        self._fused: FusedOptimizer | HiFT | None = None
 
     @property
     def fused_optimizer(self) -> FusedOptimizer:
@@ -88,7 +98,17 @@ class LomoTrainer(Trainer):
             self.optimizer = self._fused = build_optimizer(model, self.args, self.optimizer_name,
                                                            decay_parameters=self.get_decay_parameter_names(model),
                                                            **self.optimizer_kwargs)
+            if self.hift_kwargs is not None:
+                self.optimizer = self._fused = HiFT(self._fused, **self.hift_kwargs)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's scheduler; with HiFT, gated to advance once per cycle (``HiFT.wrap_scheduler``)."""
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if created and isinstance(self._fused, HiFT):
+            self.lr_scheduler = self._fused.wrap_scheduler(scheduler)
+        return self.lr_scheduler
 
     def train(self, *args, **kwargs):
         """``Trainer.train``; the fused optimizer's hold on the model ends when it returns or raises."""

@@ -4,3 +4,5 @@ from .lomo import Lomo
 from .loss_scaler import DynamicLossScaler
 
 __all__ = ["AdaLomo", "DynamicLossScaler", "FusedOptimizer", "Lomo"]
+from .hift import HiFT  # noqa: E402
+__all__ += ["HiFT"]
