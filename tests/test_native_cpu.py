@@ -545,3 +545,15 @@ def test_bf16_rounding_of_arbitrary_fp32_bits(rounding, monkeypatch):
     lk.dense_update_(reference, -v, lr=1.0, rounding=rounding, seed=99, backend="torch")
     assert_bitwise(out["1"], out["0"])
     assert_bitwise(out["1"], reference)
+
+
+def test_cpu_speed_bench_quick(tmp_path):
+    """bench/bench_cpu_speed.py --quick runs end to end and writes its tables (timings not asserted)."""
+    pytest.importorskip("lomo_optim")
+    from bench import bench_cpu_speed
+    rows = bench_cpu_speed.run(str(tmp_path), quick=True)
+    assert {r["table"] for r in rows} == {"bf16", "fp32"}
+    text = (tmp_path / "cpu_speed.md").read_text()
+    for section in ("bf16 weights", "fp32: Lomo and AdaLomo", "Norm-only pass", "Scratch of one fused bf16"):
+        assert section in text
+    assert (tmp_path / "cpu_speed.csv").read_text().startswith("table,tokens,method")
