@@ -375,6 +375,10 @@ def bench_kernels(device, dtype, shapes: dict, tokens_list, repeats: int, lr: fl
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 rows.append(row)
+            floor = next((r.get("median_ms") for r in rows[-len(variants):] if r["variant"] == "matmul (floor)"), None)
+            for r in rows[-len(variants):]:
+                if floor and r.get("median_ms"):
+                    r["x_floor"] = round(r["median_ms"] / floor, 2)  # time relative to the bare gradient GEMM
             del w, x, dy
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -393,7 +397,8 @@ def step_kernels(args) -> dict:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     rows = bench_kernels(device, dtype, shapes, tokens, repeats)
     return {"rows": rows, "notes": [
-        "TFLOPs: 2*tokens*out*in / median time (the weight-gradient GEMM's work; the update adds no GEMM)",
+        "TFLOPs: 2*tokens*out*in / median time (the weight-gradient GEMM's work; the update adds no GEMM); "
+        "x_floor: median time over the bare weight-gradient matmul's (torch.mm, cuBLAS) at the same shape",
         "peak_MiB: torch.cuda.max_memory_allocated during one call minus what was allocated before it: the "
         "floor and the hook hold the weight-sized gradient (the hook also fp32 copies), fused kernels nothing",
         "fused updates of bf16 weights round stochastically (Lomo's default); norm pass = linear_grad_sqnorm_ "
