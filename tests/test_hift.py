@@ -562,3 +562,38 @@ def test_lomo_trainer_with_hift(tmp_path):
     assert t2.fused_optimizer.step_count == 10
     for (name, p), q in zip(resumed.named_parameters(), base.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_gradient_checkpointing_same_as_without():
+    """Non-reentrant checkpointing recomputes frozen layers' forwards plainly; results are bitwise equal."""
+    ids_list = data(6)
+    models = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_llama(layers=LAYERS)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        hift = run_hift(model, lk.AdaLomo(model, lr=1e-2), ids_list, 1e-2, group_size=2, strategy="up2down")
+        hift.close()
+        models.append(model)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+
+
+def test_fp16_overflow_skips_the_step_and_moves_on():
+    """A non-finite gradient skips the active group's step (no write, its step clock unchanged, the loss
+    scale lowered); the rotation goes on, as in HiFT's trainer."""
+    model = tiny_llama(layers=2).to(torch.float16)
+    hift = HiFT(lk.Lomo(model, lr=1e-3))
+    first = hift.active
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = hift.loss_scale
+    loss = loss_of(model, data(1)[0]) * 1e4  # finite, but its scaled gradient overflows fp16
+    hift.fused_backward(loss, 1e-3)
+    assert hift.skipped_step and hift.skipped_steps == 1 and hift.loss_scale < scale
+    assert hift.group_steps[first] == 0 and hift.optimizer.step_count == 0 and hift.position == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    hift.fused_backward(loss_of(model, data(1)[0]), 1e-3)
+    assert not hift.skipped_step and hift.group_steps[hift.order[1]] == 1 and hift.optimizer.step_count == 1
+    hift.close()
