@@ -47,6 +47,7 @@ fixed (HiFT's list rotation with a floor-divided cycle length shifts them from c
 from __future__ import annotations
 
 import re
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -259,6 +260,12 @@ class HiFT(torch.optim.Optimizer):
             raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
         model = optimizer.model
         self.groups = hift_groups(model, group_size)
+        if getattr(model, "_require_grads_hooks", None):
+            warnings.warn("HiFT: the model makes its input embeddings' output require grad (Hugging Face's "
+                          "enable_input_require_grads, which activation_checkpointing_enable turns on), so every "
+                          "step's backward runs down to the embedding and is not truncated below the active group "
+                          "(correct, only slower). With non-reentrant checkpointing (transformers' default) call "
+                          "model.disable_input_require_grads() after enabling it.", UserWarning, stacklevel=2)
         params = dict(model.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
         held = {site.name for site in optimizer.held.sites.values()} | set(optimizer.held.dense)
