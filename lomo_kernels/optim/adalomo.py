@@ -88,6 +88,7 @@ class AdaLomo(FusedOptimizer):
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
                          rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused,
                          on_nonfinite=on_nonfinite)
+        self._norm_sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> this step's sums
         self.exp_avg_sq: dict[str, torch.Tensor] = {}
         self.exp_avg_sq_row: dict[str, torch.Tensor] = {}
         self.exp_avg_sq_col: dict[str, torch.Tensor] = {}
@@ -174,12 +175,36 @@ class AdaLomo(FusedOptimizer):
         else:
             self.linear_apply_recompute(param, x, dy)
 
+    def _shares_norm_pass(self) -> bool:
+        """Recompute on this optimizer's own updates (not through a wrapper such as ZeRO-3's, which hands
+        the norm phase pieces of a weight): the norm phase's pass also yields the row/column sums."""
+        return self.statistics == "recompute" and self.updater is self
+
+    def grad_norm(self, loss):
+        self._norm_sums = {}
+        return super().grad_norm(loss)
+
+    def linear_norm(self, param, x, dy):
+        if not self._shares_norm_pass():
+            return super().linear_norm(param, x, dy)
+        # one pass for both: ‖g‖² for the global norm, and the sums of clamp(g)² the update will need
+        row_sums = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
+        col_sums = torch.zeros(param.shape[1], dtype=torch.float32, device=param.device)
+        adalomo_stats.adalomo_sq_sums_(row_sums, col_sums, param, x, dy, loss_scale=self.loss_scale,
+                                       clip_value=self.clip_grad_value, stats=self._stats_for(param),
+                                       backend=self.backend, name=self._name(param))
+        self._norm_sums[id(param)] = (row_sums, col_sums)
+
     def linear_apply_recompute(self, param, x, dy):
         name, out_f, in_f = self._name(param), param.shape[0], param.shape[1]
         common = dict(loss_scale=self.loss_scale, clip_value=self.clip_grad_value, name=name)
-        row_sums = torch.zeros(out_f, dtype=torch.float32, device=param.device)
-        col_sums = torch.zeros(in_f, dtype=torch.float32, device=param.device)
-        adalomo_stats.adalomo_sq_sums_(row_sums, col_sums, param, x, dy, **common)
+        sums = self._norm_sums.pop(id(param), None) if self._fresh_norm else None
+        if sums is not None:  # from this step's norm phase: same x, dy
+            row_sums, col_sums = sums
+        else:
+            row_sums = torch.zeros(out_f, dtype=torch.float32, device=param.device)
+            col_sums = torch.zeros(in_f, dtype=torch.float32, device=param.device)
+            adalomo_stats.adalomo_sq_sums_(row_sums, col_sums, param, x, dy, backend=self.backend, **common)
         coef_sq = self.clip_coef ** 2
         row_scale, col_scale = self.update_factored_stats(name, row_sums.mul_(coef_sq / in_f),
                                                           col_sums.mul_(coef_sq / out_f))
