@@ -10,3 +10,10 @@ __all__ = ["Lomo", "AdaLomo", "release", "UnfusedUseError", "available_backends"
            "embedding_update_", "embedding_grad_sqnorm_", "dense_update_", "dense_grad_sqnorm_"]
 from .optim import HiFT  # noqa: E402
 __all__ += ["HiFT"]
+from .optim import AdamW  # noqa: E402
+__all__ += ["AdamW"]
+from .fused_cross_entropy import (FusedLinearCrossEntropy, LomoHead, NormHead, OptimizerHead,  # noqa: E402
+                                  fused_linear_cross_entropy)
+from .ops import linear_cross_entropy_grad_sqnorm_, linear_cross_entropy_update_  # noqa: E402
+__all__ += ["fused_linear_cross_entropy", "FusedLinearCrossEntropy", "LomoHead", "NormHead", "OptimizerHead",
+            "linear_cross_entropy_update_", "linear_cross_entropy_grad_sqnorm_"]

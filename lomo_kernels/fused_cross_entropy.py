@@ -1,0 +1,241 @@
+"""The causal-LM loss with the LM head's update fused into its backward: no logits, no LM-head gradient.
+
+``fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, updater, ...)`` returns the loss
+transformers' ``ForCausalLMLoss`` computes from ``logits = hidden @ weightᵀ (+ bias)`` (``shift=True``:
+the labels are shifted as there; ``num_items_in_batch``: summed loss / that count; fp32 throughout;
+``softcap``: Gemma-2's ``final_logit_softcapping``; ``label_smoothing`` as ``F.cross_entropy``'s, which
+transformers' Trainer applies through its ``LabelSmoother``). Two differences, both deliberate: an
+all-ignored batch has loss 0 (transformers: NaN from 0/0) and contributes no update; the logits are
+fp32 from the GEMM on (transformers rounds them to the model dtype first).
+
+Its backward (``FusedLinearCrossEntropy``) walks the vocabulary in chunks (size:
+``lomo_kernels.ops.linear_cross_entropy.choose_chunk_size``); for each chunk ``[v0, v1)`` it recomputes
+the chunk's logits from ``H`` and the *old* ``W[v0:v1]``, forms ``dr`` (the gradient of the loss with
+respect to those logits, fp32 ``[T, v1−v0]``), adds ``dr·W[v0:v1]`` to ``dH``, and only then hands
+``(W, v0, v1, H, dr)`` to the updater, which may update rows ``[v0, v1)`` of ``W`` — they are never read
+again. The weight's gradient slot is ``None``; the bias (if any) gets an ordinary ``[V]`` gradient (a
+dense parameter for the optimizer's hooks).
+
+The updater protocol (``LMHeadUpdater``), by what it needs to know before it can write:
+
+* element-wise rules (LOMO: decay, value clipping, loss scale, stochastic rounding) and the norm phase
+  need nothing: one pass, ``passes = ("apply",)`` or ``("norm",)``; the sum of the chunks' ``‖G_c‖²`` is
+  the exact ``‖G‖²`` (disjoint rows);
+* rules that need whole-``W`` statistics first (AdaLomo's factored second moment: column sums over all
+  rows, then ``Σu²``) ask for several passes, e.g. ``("sums", "scaled_norm", "apply")``: each pass
+  recomputes every chunk's ``dr`` (one more logits GEMM per pass), ``end_pass`` turns the pass's
+  statistics into what the next needs, and only the last pass writes.
+
+Adapters: ``LomoHead`` (the rule's scalars given directly), ``NormHead`` (adds to a stats buffer), and
+``OptimizerHead(optimizer)``, which follows a ``lomo_kernels`` ``Lomo`` or ``AdaLomo`` through its phases
+(``optimizer.phase``: "norm", "apply", "skip").
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .ops import adalomo_stats
+from .ops import linear_cross_entropy as lce
+from .ops._common import UpdateRule, check_stats
+from .ops.linear_update import linear_grad_sqnorm_
+
+
+class LMHeadUpdater(Protocol):
+    """What ``FusedLinearCrossEntropy``'s backward hands the LM head's gradient to, chunk by chunk."""
+
+    def passes(self, weight: torch.Tensor) -> tuple[str, ...]:
+        """Called once at the start of the backward: the names of the passes over the chunks (``()``: none,
+        the backward then only computes ``dH``). Only the last may write ``weight``."""
+
+    def chunk(self, pass_name: str, weight: torch.Tensor, v0: int, v1: int, x: torch.Tensor,
+              dy: torch.Tensor) -> None:
+        """One chunk of ``G = dyᵀx`` for rows ``[v0, v1)`` of ``weight`` [V, d] (``x`` [T, d] and ``dy``
+        [T, v1−v0], both fp32; ``dy`` already carries the upstream gradient, hence any loss scale). In the
+        last pass it may update ``weight[v0:v1]`` in place; it must not keep ``dy``."""
+
+    def end_pass(self, pass_name: str, weight: torch.Tensor) -> None:
+        """After every chunk of a pass."""
+
+
+class LomoHead:
+    """LOMO's rule with fixed scalars (``linear_update_``'s arguments), in one pass; stochastic rounding
+    bit-for-bit as ``linear_update_`` on the whole weight with the same seed."""
+
+    def __init__(self, *, lr: float, weight_decay: float = 0.0, coef: float = 1.0, loss_scale: float = 1.0,
+                 clip_value: float | None = None, rounding: str = "nearest", seed: int = 0, backend: str = "auto",
+                 name: str = "lm_head"):
+        UpdateRule.make(lr, weight_decay, coef, loss_scale, clip_value, rounding, seed, name)  # check now
+        self.args = dict(lr=lr, weight_decay=weight_decay, coef=coef, loss_scale=loss_scale, clip_value=clip_value,
+                         rounding=rounding, seed=seed, backend=backend, name=name)
+
+    def passes(self, weight):
+        return ("apply",)
+
+    def chunk(self, pass_name, weight, v0, v1, x, dy):
+        lce.linear_update_rows_(weight, v0, x, dy, **self.args)
+
+    def end_pass(self, pass_name, weight):
+        pass
+
+
+class NormHead:
+    """The norm phase: adds ``[‖G / loss_scale‖², non-finite count]`` to ``stats`` (float32 (2,))."""
+
+    def __init__(self, stats: torch.Tensor, *, loss_scale: float = 1.0, backend: str = "auto", name: str = "lm_head"):
+        UpdateRule.make(0.0, loss_scale=loss_scale, name=name)
+        self.stats, self.loss_scale, self.backend, self.name = stats, loss_scale, backend, name
+
+    def passes(self, weight):
+        check_stats(self.stats, weight, self.name)
+        return ("norm",)
+
+    def chunk(self, pass_name, weight, v0, v1, x, dy):
+        linear_grad_sqnorm_(self.stats, weight[v0:v1], x, dy, loss_scale=self.loss_scale, backend=self.backend,
+                            name=self.name)
+
+    def end_pass(self, pass_name, weight):
+        pass
+
+
+class OptimizerHead:
+    """Follows a ``lomo_kernels.Lomo`` / ``AdaLomo`` through its phases for its held LM-head weight.
+
+    norm phase: the chunks' norms go into the optimizer's norm buffer (so its global norm, clip
+    coefficient and overflow check are exact). apply phase: ``Lomo`` — its rule (lr, decay with
+    ``no_decay``, clip coefficient, value clipping, loss scale, rounding and one seed per step, as its
+    ``linear_apply``) in one pass; ``AdaLomo`` — three passes (row/column sums of ``u²``, then ``Σ(r u c)²``,
+    then the update), exactly its ``linear_apply`` with ``statistics="recompute"``. skip: nothing.
+    """
+
+    def __init__(self, optimizer):
+        self.opt = optimizer
+        self._state = None
+
+    def _kind(self) -> str:
+        from .optim import AdaLomo, Lomo
+        if isinstance(self.opt, AdaLomo):
+            return "adalomo"
+        if isinstance(self.opt, Lomo):
+            return "lomo"
+        raise TypeError(f"OptimizerHead supports lomo_kernels Lomo and AdaLomo, got {type(self.opt).__name__}")
+
+    def passes(self, weight):
+        opt, phase = self.opt, self.opt.phase
+        if phase == "norm":
+            self._state = NormHead(opt._stats_for(weight), loss_scale=opt.loss_scale, backend=opt.backend,
+                                   name=opt._name(weight))
+            return self._state.passes(weight)
+        if phase != "apply":
+            self._state = None
+            return ()
+        if self._kind() == "lomo":
+            self._state = LomoHead(**opt._rule(weight))
+            return ("apply",)
+        name = opt._name(weight)
+        out_f, in_f = weight.shape
+        self._state = dict(name=name, row=torch.zeros(out_f, dtype=torch.float32, device=weight.device),
+                           col=torch.zeros(in_f, dtype=torch.float32, device=weight.device),
+                           stats=torch.zeros(2, dtype=torch.float32, device=weight.device))
+        return ("sums", "scaled_norm", "apply")
+
+    def chunk(self, pass_name, weight, v0, v1, x, dy):
+        if not isinstance(self._state, dict):
+            self._state.chunk(pass_name, weight, v0, v1, x, dy)
+            return
+        opt, st = self.opt, self._state
+        common = dict(loss_scale=opt.loss_scale, clip_value=opt.clip_grad_value, name=st["name"])
+        w = weight[v0:v1]
+        if pass_name == "sums":
+            adalomo_stats.adalomo_sq_sums_(st["row"][v0:v1], st["col"], w, x, dy, **common)
+        elif pass_name == "scaled_norm":
+            adalomo_stats.adalomo_scaled_sqnorm_(st["stats"], w, x, dy, st["row_scale"][v0:v1], st["col_scale"],
+                                                 backend=opt.backend, **common)
+        else:
+            lce.linear_update_rows_(weight, v0, x, dy, row_scale=st["row_scale"][v0:v1].contiguous(),
+                                    col_scale=st["col_scale"], loss_scale=opt.loss_scale,
+                                    clip_value=opt.clip_grad_value, **st["args"])
+
+    def end_pass(self, pass_name, weight):
+        if not isinstance(self._state, dict):
+            return
+        opt, st = self.opt, self._state
+        out_f, in_f = weight.shape
+        coef_sq = opt.clip_coef ** 2
+        if pass_name == "sums":
+            st["row_scale"], st["col_scale"] = opt.update_factored_stats(
+                st["name"], st["row"].mul_(coef_sq / in_f), st["col"].mul_(coef_sq / out_f))
+        elif pass_name == "scaled_norm":
+            coef = opt.clip_coef * opt.normalizer(coef_sq * st["stats"][0].item(), weight.numel())
+            st["args"] = opt._apply_args(weight, coef)  # lr·RMS(W) of the old W, one seed for the step
+        else:
+            self._state = None
+
+
+def _updater_passes(updater, weight) -> tuple[str, ...]:
+    if updater is None:
+        return ()
+    return tuple(updater.passes(weight))
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """``loss = CE(softcap(hidden2 @ Wᵀ + b), labels1) / denom``; backward: ``dH``, ``db``, and the updater
+    gets the LM head's gradient chunk by chunk (no gradient for ``weight``).
+
+    Inputs (already checked and flattened by ``fused_linear_cross_entropy``): ``hidden2 [T, d]``,
+    ``weight [V, d]``, ``bias [V]`` or None, ``labels1`` int64 [T] (shifted), ``denom`` fp32 scalar
+    tensor, ``updater`` (``LMHeadUpdater`` or None: then ``weight`` is left alone), ``cfg``
+    (``LossConfig``). Saved for the backward: ``hidden2``, ``labels1``, ``lse [T]`` (fp32) — token-sized."""
+
+    @staticmethod
+    def forward(ctx, hidden2, weight, bias, labels1, denom, updater, cfg):
+        loss_sum, lse = lce.forward(hidden2, weight, bias, labels1, cfg)
+        ctx.save_for_backward(hidden2, labels1, lse, denom)
+        # the weight (and bias) as plain attributes: the backward rewrites the weight in place, and autograd's
+        # version check would refuse a saved tensor changed later
+        ctx.weight, ctx.bias, ctx.updater, ctx.cfg = weight, bias, updater, cfg
+        return loss_sum / denom
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden2, labels1, lse, denom = ctx.saved_tensors
+        cfg, weight, bias = ctx.cfg, ctx.weight, ctx.bias
+        coef = torch.where(labels1 != cfg.ignore_index, grad_loss.to(torch.float32) / denom, 0.0)
+        updater = ctx.updater
+        grad_h, grad_b = lce.chunk_loop(
+            hidden2, weight, bias, labels1, lse, coef, cfg, _updater_passes(updater, weight),
+            lambda name, v0, v1, x, dy: updater.chunk(name, weight, v0, v1, x, dy),
+            lambda name: updater.end_pass(name, weight),
+            need_grad_hidden=ctx.needs_input_grad[0], need_grad_bias=ctx.needs_input_grad[2])
+        if grad_h is not None:
+            grad_h = grad_h.to(hidden2.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, None, grad_b, None, None, None, None
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """transformers' shift: ``pad(labels, (0, 1), ignore_index)[..., 1:]`` (position i predicts i+1)."""
+    return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               bias: torch.Tensor | None = None, *, updater: LMHeadUpdater | None,
+                               ignore_index: int = -100, num_items_in_batch=None, label_smoothing: float = 0.0,
+                               softcap: float | None = None, shift: bool = False, chunk_size: int | None = None,
+                               memory_budget: int | None = None, name: str = "lm_head") -> torch.Tensor:
+    """The mean causal-LM loss of ``logits = hidden @ weightᵀ (+ bias)`` (see the module docstring) as an
+    fp32 scalar; its backward gives ``hidden`` (and ``bias``) their gradients and ``updater`` the LM
+    head's, chunk by chunk; ``weight`` gets no ``.grad``. ``hidden [..., d]``, ``labels`` with hidden's
+    leading shape (``shift=True``: unshifted, as transformers' ``labels=`` argument). Every check (shapes,
+    dtypes, the label range) runs here, before anything is computed or written."""
+    if shift and isinstance(labels, torch.Tensor):
+        labels = shift_labels(labels, ignore_index)
+    hidden2, labels1 = lce.check_inputs(hidden, weight, labels, bias, ignore_index, name)
+    cfg = lce.LossConfig.make(ignore_index, label_smoothing, softcap, chunk_size, tokens=hidden2.shape[0],
+                              vocab=weight.shape[0], hidden=weight.shape[1], weight_dtype=weight.dtype,
+                              memory_budget=memory_budget)
+    denom = lce.normalizer(labels1, cfg, num_items_in_batch)
+    return FusedLinearCrossEntropy.apply(hidden2, weight, bias, labels1, denom, updater, cfg)
+
