@@ -80,6 +80,10 @@ class Updater(Protocol):
     def dense(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """Update ``param`` from a materialized gradient of its own (small) size (or add its norm)."""
 
+    # Optional: ``linear_with_rows(param, x, dy, indices, rows) -> bool`` applies G = dyᵀx plus the
+    # embedding rows (a tied weight's two kinds of use) as one step, or returns False to get them as one
+    # ``linear`` call with the rows as a one-hot GEMM.
+
 
 class Owner(Protocol):
     """The fused optimizer a hold belongs to."""
@@ -156,19 +160,28 @@ def _apply(updater: Updater, param: torch.Tensor, parts: list[tuple]) -> None:
         idx, rows = zip(*(_embedding_rows(*args) for _, *args in parts))
         updater.embedding(param, torch.cat(idx), torch.cat(rows), None)
         return
-    xs, dys = [], []
-    for kind, *args in parts:
-        if kind == "linear":
-            x, dy = args
-        else:  # G_emb = one_hot(idx)ᵀ · dy: an embedding use in the linear form (token × vocab, like logits)
-            idx, dy_rows = _embedding_rows(*args)
-            x, dy = dy_rows, F.one_hot(idx, param.shape[0]).to(dy_rows.dtype)
-        xs.append(x)
-        dys.append(dy)
-    dtype = xs[0].dtype
-    for t in xs + dys:
+    linear = [args for kind, *args in parts if kind == "linear"]
+    rows = [_embedding_rows(*args) for kind, *args in parts if kind == "embedding"]
+    x, dy = _cat_promoted([x for x, _ in linear]), _cat_promoted([dy for _, dy in linear])
+    if rows:
+        idx, dy_rows = torch.cat([i for i, _ in rows]), torch.cat([r for _, r in rows])
+        # An updater may take the embedding rows beside the linear tokens directly (cheaper: see Lomo).
+        joint = getattr(updater, "linear_with_rows", None)
+        if joint is not None and joint(param, x, dy, idx, dy_rows):
+            return
+        # else G_emb = one_hot(idx)ᵀ · dy: the embedding use in the linear form (token × vocab, like logits)
+        x = _cat_promoted([x, dy_rows])
+        dy = _cat_promoted([dy, F.one_hot(idx, param.shape[0]).to(dy_rows.dtype)])
+    updater.linear(param, x, dy)
+
+
+def _cat_promoted(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if len(tensors) == 1:
+        return tensors[0]
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    updater.linear(param, torch.cat([x.to(dtype) for x in xs]), torch.cat([dy.to(dtype) for dy in dys]))
+    return torch.cat([t.to(dtype) for t in tensors])
 
 
 def _embedding_rows(indices, dy, padding_idx):

@@ -73,6 +73,29 @@ class Lomo(FusedOptimizer):
                     rounding=self._rounding_for(param), seed=self._seed_for(param), backend=self.backend,
                     name=self._name(param))
 
+    def linear_with_rows(self, param, x, dy, indices, rows) -> bool:
+        """A tied fp32 weight's linear and embedding uses without the one-hot GEMM: the rows the embedding
+        touched get ``G_U = dy[:, U]ᵀx + Σ rows`` (token-sized) through the embedding op, every other row
+        its linear gradient through the linear op (with those columns of ``dy`` zeroed); decay applied
+        once, by the linear op. The touched rows are rounded twice (decay, then update): within fp32's
+        rounding, so 16-bit weights keep the single-rounding one-hot route."""
+        if param.dtype != torch.float32 or self.phase == "skip":
+            return self.phase == "skip"
+        touched, inverse = torch.unique(indices, return_inverse=True)
+        summed = torch.zeros(len(touched), rows.shape[-1], dtype=torch.float32, device=rows.device)
+        summed.index_add_(0, inverse, rows.to(torch.float32))
+        summed.addmm_(dy[:, touched].t().to(torch.float32), x.to(torch.float32))
+        others = dy.clone()
+        others[:, touched] = 0
+        if self.phase == "norm":
+            self.linear_norm(param, x, others)
+            self.embedding_norm(param, touched, summed, None)
+        else:
+            self.linear_apply(param, x, others)
+            rule = dict(self._rule(param), weight_decay=0.0)
+            ops.embedding_update_(param, touched, summed, **rule)
+        return True
+
     def linear_apply(self, param, x, dy):
         ops.linear_update_(param, x, dy, **self._rule(param))
 
