@@ -235,7 +235,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     hidden2, labels1 = lce.check_inputs(hidden, weight, labels, bias, ignore_index, name)
     cfg = lce.LossConfig.make(ignore_index, label_smoothing, softcap, chunk_size, tokens=hidden2.shape[0],
                               vocab=weight.shape[0], hidden=weight.shape[1], weight_dtype=weight.dtype,
-                              memory_budget=memory_budget)
+                              memory_budget=memory_budget, device=weight.device)
     denom = lce.normalizer(labels1, cfg, num_items_in_batch)
     return FusedLinearCrossEntropy.apply(hidden2, weight, bias, labels1, denom, updater, cfg)
 

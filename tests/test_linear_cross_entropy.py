@@ -278,9 +278,11 @@ def test_no_logits_and_no_weight_sized_tensor():
 
 
 def test_chunk_size_from_memory_budget():
-    assert lce.choose_chunk_size(512, 32000) == 8192
-    assert lce.choose_chunk_size(8192, 128256) == 512
-    assert lce.choose_chunk_size(8192, 128256, 4096, torch.bfloat16) == 384
+    assert lce.choose_chunk_size(512, 32000) == 2048                      # CPU: 16 MiB
+    assert lce.choose_chunk_size(512, 32000, device="cuda") == 8192       # accelerators: 64 MiB
+    assert lce.choose_chunk_size(8192, 128256, device="cuda") == 512
+    assert lce.choose_chunk_size(8192, 128256, 4096, torch.bfloat16, device="cuda") == 384
+    assert lce.choose_chunk_size(8192, 128256) == 128
     assert lce.choose_chunk_size(10**6, 97) == 97
     assert lce.choose_chunk_size(16, 32000, memory_budget=1 << 20) == 4096
     with pytest.raises(ValueError):

@@ -34,15 +34,18 @@ there the logits were already rounded to the model dtype by the LM head's GEMM.
 Chunk size (``choose_chunk_size``): a chunk costs about ``CHUNK_LIVE_TENSORS`` fp32 tensors of
 ``[T, C]`` at its peak (the logits, their exponentials / the gradient, and a softcap or mask
 temporary), plus, for 16-bit weights, the fp32 copy of ``W[v0:v1]`` (``C·d``). We pick the largest
-multiple of 128 columns that keeps that within ``memory_budget`` bytes (default
-``DEFAULT_MEMORY_BUDGET`` = 64 MiB), at least 128 columns and at most ``V``. Why by memory and not by
-count: the peak of a training step with the logits gone is the activations, and the chunk must stay
-small against them at every ``T`` (Llama-3's 128256 × 8192 tokens would be 3.9 GiB of fp32 logits; at
-64 MiB the chunk is 512 columns, 16 MiB per tensor); above ~128 columns the chunk GEMMs
-(``[T, d]·[d, C]``, ``[T, C]·[C, d]``, ``[C, T]·[T, d]``) are wide enough to run at BLAS/tensor-core
-speed, and the per-chunk Python overhead (a few ops, ~50 µs) is negligible against them. On CPU the
-measured step time at 512 tokens × 32000 × 256 is flat within noise from 1024 to 8192 columns
-(bench/results/linear_cross_entropy.md).
+multiple of 128 columns that keeps that within ``memory_budget`` bytes, at least 128 columns and at
+most ``V``. Why by memory and not by a fixed count: with the weight gradients gone, the step's peak is
+the activations, and the chunk must stay small against them at *every* ``T`` (Llama-3's 128256
+columns × 8192 tokens would be 3.9 GiB of fp32 logits; at 64 MiB the chunk is 512 columns, 16 MiB per
+tensor), while above ~128 columns the chunk GEMMs (``[T, d]·[d, C]``, ``[T, C]·[C, d]``,
+``[C, T]·[T, d]``) are wide enough for BLAS / tensor cores and the per-chunk Python work (a few ops,
+~50 µs) is negligible. Default budget (``DEFAULT_MEMORY_BUDGET``): 64 MiB on accelerators (wide GEMMs,
+memory that matters only against GiB of activations); 16 MiB on CPU, where smaller chunks are also
+*faster* because the chunk's tensors stay in cache — measured at 512 tokens × 32000 × 256, 1 thread
+(bench/results/linear_cross_entropy.md): 1024–4096 columns are the fastest (0.78-0.82x the unfused
+step), 8192 about 5% slower, one chunk (32000) about 40% slower than those; 16 MiB gives 2048 columns
+there (measured peak of the step: 12 MiB, three [T, C] fp32 tensors).
 """
 from __future__ import annotations
 
@@ -57,17 +60,19 @@ from ..kernels import reference
 from ._common import UpdateRule, apply_rule_, check_stats, check_weight, run_op
 from .linear_update import linear_grad_sqnorm_
 
-DEFAULT_MEMORY_BUDGET = 64 << 20
+DEFAULT_MEMORY_BUDGET = {"cpu": 16 << 20, "other": 64 << 20}
 CHUNK_LIVE_TENSORS = 4
 CHUNK_ALIGN = 128
 
 
 def choose_chunk_size(tokens: int, vocab: int, hidden: int = 0, weight_dtype: torch.dtype = torch.float32,
-                      memory_budget: int | None = None) -> int:
+                      memory_budget: int | None = None, device: torch.device | str = "cpu") -> int:
     """Vocabulary columns per chunk: the largest multiple of 128 whose ``CHUNK_LIVE_TENSORS`` fp32
     ``[tokens, C]`` tensors (plus an fp32 copy of ``W[v0:v1]`` for 16-bit weights) fit ``memory_budget``
-    bytes; at least 128 (or ``vocab`` if smaller), at most ``vocab``. See the module docstring."""
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    bytes (None: ``DEFAULT_MEMORY_BUDGET`` for ``device``'s type); at least 128 (or ``vocab`` if
+    smaller), at most ``vocab``. See the module docstring."""
+    kind = torch.device(device).type
+    budget = DEFAULT_MEMORY_BUDGET["cpu" if kind == "cpu" else "other"] if memory_budget is None else int(memory_budget)
     if budget <= 0:
         raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget!r}")
     per_column = 4 * (CHUNK_LIVE_TENSORS * max(tokens, 1) + (hidden if weight_dtype != torch.float32 else 0))
@@ -227,7 +232,7 @@ class LossConfig:
 
     @staticmethod
     def make(ignore_index=-100, label_smoothing=0.0, softcap=None, chunk_size=None, *, tokens: int, vocab: int,
-             hidden: int, weight_dtype: torch.dtype, memory_budget=None) -> "LossConfig":
+             hidden: int, weight_dtype: torch.dtype, memory_budget=None, device="cpu") -> "LossConfig":
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
@@ -235,7 +240,7 @@ class LossConfig:
         if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
             raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
         if chunk_size is None:
-            chunk_size = choose_chunk_size(tokens, vocab, hidden, weight_dtype, memory_budget)
+            chunk_size = choose_chunk_size(tokens, vocab, hidden, weight_dtype, memory_budget, device)
         elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         return LossConfig(int(ignore_index), float(label_smoothing), float(softcap or 0.0),
@@ -374,7 +379,7 @@ def linear_cross_entropy_update_(hidden: torch.Tensor, weight: torch.Tensor, lab
     hidden2, labels1 = check_inputs(hidden, weight, labels, bias, ignore_index, name)
     cfg = LossConfig.make(ignore_index, label_smoothing, softcap, chunk_size, tokens=hidden2.shape[0],
                           vocab=weight.shape[0], hidden=weight.shape[1], weight_dtype=weight.dtype,
-                          memory_budget=memory_budget)
+                          memory_budget=memory_budget, device=weight.device)
     chosen = backends.resolve(backend, weight.device)
     with torch.no_grad():
         loss, lse, token_coef = _loss_and_coef(hidden2, weight, bias, labels1, cfg, num_items_in_batch, grad_loss)
@@ -403,7 +408,7 @@ def linear_cross_entropy_grad_sqnorm_(stats: torch.Tensor, hidden: torch.Tensor,
     check_stats(stats, weight, name)
     cfg = LossConfig.make(ignore_index, label_smoothing, softcap, chunk_size, tokens=hidden2.shape[0],
                           vocab=weight.shape[0], hidden=weight.shape[1], weight_dtype=weight.dtype,
-                          memory_budget=memory_budget)
+                          memory_budget=memory_budget, device=weight.device)
     with torch.no_grad():
         loss, lse, token_coef = _loss_and_coef(hidden2, weight, bias, labels1, cfg, num_items_in_batch, grad_loss)
 
