@@ -6,3 +6,5 @@ from .loss_scaler import DynamicLossScaler
 __all__ = ["AdaLomo", "DynamicLossScaler", "FusedOptimizer", "Lomo"]
 from .hift import HiFT  # noqa: E402
 __all__ += ["HiFT"]
+from .adamw import AdamW  # noqa: E402
+__all__ += ["AdamW"]

@@ -1,0 +1,163 @@
+"""``AdamW``: ``torch.optim.AdamW`` with the update fused into the backward pass.
+
+Per parameter at step ``t = 1, 2, ...`` with ``g = c · clamp(grad / loss_scale, ±clip_grad_value)``
+(``c`` the global-norm clip coefficient, lomo-optim's order as in ``Lomo``):
+
+    W <- (1 - lr·wd)·W                      (decoupled weight decay, on the old weight)
+    m <- β1·m + (1-β1)·g                    v <- β2·v + (1-β2)·g²
+    W <- W - lr/(1-β1^t) · m / (√v / √(1-β2^t) + eps)
+
+exactly ``torch.optim.AdamW`` (``amsgrad=False``, ``maximize=False``). A linear layer's gradient
+``dyᵀx`` is computed block by block and each block updates ``m``, ``v`` and ``W`` at once: the only
+weight-sized tensors are ``m`` and ``v`` (``lomo_kernels.ops.adamw_update``). Embeddings and the other
+parameters get the same dense rule (rows a batch did not touch still move by ``m̂/(√v̂+ε)``).
+``state_dtype=torch.bfloat16`` keeps ``m`` and ``v`` in bf16, rounded stochastically (reproducible for a
+given ``seed``); ``state_rounding="nearest"`` rounds them to nearest instead.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import adamw_update as adamw_ops
+from ..ops.adamw_update import AdamRule
+from . import _checks
+from .base import FusedOptimizer
+from .loss_scaler import DynamicLossScaler
+
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_betas(betas) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    return (_checks.number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True),
+            _checks.number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True))
+
+
+class LossScaledMixin:
+    """fp16 dynamic loss scaling exactly as ``Lomo`` has it (a scaler only when a parameter is fp16)."""
+
+    loss_scaler: DynamicLossScaler | None = None
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.loss_scale if self.loss_scaler is not None else 1.0
+
+    def _on_overflow(self) -> None:
+        if self.loss_scaler is not None:
+            self.loss_scaler.update_scale(overflow=True)
+
+    def _on_step_applied(self) -> None:
+        if self.loss_scaler is not None:
+            self.loss_scaler.update_scale(overflow=False)
+
+    def _scaler_state(self):
+        return self.loss_scaler.state_dict() if self.loss_scaler is not None else None
+
+    def _load_scaler_state(self, state) -> None:
+        if (state is None) != (self.loss_scaler is None):
+            raise ValueError("checkpoint and optimizer disagree on fp16 loss scaling (one has a loss scaler, "
+                             "the other not): were the weights saved in another dtype?")
+        if state is not None:
+            self.loss_scaler.load_state_dict(state)
+
+
+def load_named_tensors(kind: str, mine: dict, state: dict) -> None:
+    """Copy a checkpoint's per-parameter tensors into ``mine`` after checking everything matches."""
+    if set(state) != set(mine):
+        missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        raise ValueError(f"checkpoint's {kind} state does not match this model: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}")
+    for name, entry in mine.items():
+        for key, tensor in entry.items():
+            saved = state[name].get(key)
+            if saved is None or saved.shape != tensor.shape:
+                raise ValueError(f"checkpoint's {key} for {name!r} is missing or has the wrong shape "
+                                 f"(expected {tuple(tensor.shape)})")
+    for name, entry in mine.items():
+        for key, tensor in entry.items():
+            tensor.copy_(state[name][key])
+
+
+class AdamW(LossScaledMixin, FusedOptimizer):
+    """Fused ``torch.optim.AdamW``. Arguments as torch's (``lr``, ``betas``, ``eps``, ``weight_decay``; torch's
+    default ``weight_decay=0.01`` is *not* copied: 0 here, as the issue specifies), plus ``clip_grad_norm``,
+    ``clip_grad_value``, ``loss_scale_args`` (fp16), ``state_dtype`` (float32 or bfloat16 moments),
+    ``state_rounding`` (None: stochastic for bf16 state), and ``backend``, ``rounding``, ``seed``, ``no_decay``,
+    ``unfused``, ``on_nonfinite`` as for ``Lomo``. Use::
+
+        opt = lomo_kernels.AdamW(model, lr=1e-4, weight_decay=0.01, clip_grad_norm=1.0)
+        opt.fused_backward(model(**batch).loss, lr)
+    """
+
+    rule_kind = "torch"
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, clip_grad_norm: float | None = None,
+                 clip_grad_value: float | None = None, state_dtype: torch.dtype = torch.float32, *,
+                 state_rounding: str | None = None, loss_scale_args: dict | None = None, backend: str = "auto",
+                 rounding: str | None = None, seed: int = 0, no_decay=(), unfused=(),
+                 on_nonfinite: str | None = None):
+        self.betas = check_betas(betas)
+        self.eps = _checks.non_negative("eps", eps)
+        self.weight_decay = _checks.non_negative("weight_decay", weight_decay)
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}")
+        if state_rounding is not None:
+            _checks.choice("state_rounding", state_rounding, ("nearest", "stochastic"))
+        if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
+            raise TypeError(f"loss_scale_args must be None or a dict, got {loss_scale_args!r}")
+        self.state_dtype = state_dtype
+        self.state_stochastic = (state_rounding or "stochastic") == "stochastic" and state_dtype == torch.bfloat16
+        super().__init__(model, dict(lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
+                                     clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value),
+                         clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
+                         rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused,
+                         on_nonfinite=on_nonfinite)
+        self.loss_scaler = DynamicLossScaler(**dict(loss_scale_args or {})) if self.checks_overflow else None
+        self.exp_avg: dict[str, torch.Tensor] = {}
+        self.exp_avg_sq: dict[str, torch.Tensor] = {}
+        for name, p in self.adam_parameters():
+            self.exp_avg[name] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
+            self.exp_avg_sq[name] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
+
+    def adam_parameters(self):
+        """The (name, parameter) pairs this optimizer keeps AdamW moments for."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    # --- the rule ------------------------------------------------------------------------------------
+
+    def adam_rule(self, param: torch.Tensor) -> AdamRule:
+        t = self.step_count + 1
+        make = AdamRule.torch_adamw if self.rule_kind == "torch" else AdamRule.apollo_adamw
+        clip = self.clip_grad_value
+        return make(self.lr, self.betas, self.eps, self.weight_decay_for(param), t,
+                    inv_loss_scale=1.0 / self.loss_scale, clip_value=float("inf") if clip is None else float(clip),
+                    coef=self.clip_coef, stochastic=self._rounding_for(param) == "stochastic",
+                    state_stochastic=self.state_stochastic, seed=self._seed_for(param))
+
+    def _moments(self, param):
+        name = self._name(param)
+        return self.exp_avg[name], self.exp_avg_sq[name], name
+
+    def linear_apply(self, param, x, dy):
+        m, v, name = self._moments(param)
+        adamw_ops.adamw_linear_update_(param, m, v, x, dy, self.adam_rule(param), backend=self.backend, name=name)
+
+    def embedding_apply(self, param, indices, dy, padding_idx):
+        m, v, name = self._moments(param)
+        adamw_ops.adamw_embedding_update_(param, m, v, indices, dy, self.adam_rule(param), padding_idx=padding_idx,
+                                          backend=self.backend, name=name)
+
+    def dense_apply(self, param, grad):
+        m, v, name = self._moments(param)
+        adamw_ops.adamw_dense_update_(param, m, v, grad, self.adam_rule(param), backend=self.backend, name=name)
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def _named_state(self):
+        return {name: {"exp_avg": self.exp_avg[name], "exp_avg_sq": self.exp_avg_sq[name]} for name in self.exp_avg}
+
+    def _load_named_state(self, state):
+        load_named_tensors(type(self).__name__, self._named_state(), state)
