@@ -17,3 +17,5 @@ from .fused_cross_entropy import (FusedLinearCrossEntropy, LomoHead, NormHead, O
 from .ops import linear_cross_entropy_grad_sqnorm_, linear_cross_entropy_update_  # noqa: E402
 __all__ += ["fused_linear_cross_entropy", "FusedLinearCrossEntropy", "LomoHead", "NormHead", "OptimizerHead",
             "linear_cross_entropy_update_", "linear_cross_entropy_grad_sqnorm_"]
+from .optim import Apollo, ApolloMini  # noqa: E402
+__all__ += ["Apollo", "ApolloMini"]

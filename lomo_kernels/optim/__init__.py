@@ -8,3 +8,5 @@ from .hift import HiFT  # noqa: E402
 __all__ += ["HiFT"]
 from .adamw import AdamW  # noqa: E402
 __all__ += ["AdamW"]
+from .apollo import Apollo, ApolloMini  # noqa: E402
+__all__ += ["Apollo", "ApolloMini"]

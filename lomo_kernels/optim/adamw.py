@@ -156,8 +156,11 @@ class AdamW(LossScaledMixin, FusedOptimizer):
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
-    def _named_state(self):
+    def _adam_state(self):
         return {name: {"exp_avg": self.exp_avg[name], "exp_avg_sq": self.exp_avg_sq[name]} for name in self.exp_avg}
 
+    def _named_state(self):
+        return self._adam_state()
+
     def _load_named_state(self, state):
-        load_named_tensors(type(self).__name__, self._named_state(), state)
+        load_named_tensors(type(self).__name__, self._adam_state(), state)
