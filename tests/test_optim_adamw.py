@@ -278,3 +278,16 @@ def test_ops_under_fake_tensor_mode():
         w, m, v = torch.zeros(8, 4), torch.zeros(8, 4), torch.zeros(8, 4)
         ops.adamw_linear_update_(w, m, v, torch.zeros(3, 4), torch.zeros(3, 8),
                                  ops.AdamRule.torch_adamw(0.1, (0.9, 0.99), 1e-8, 0.0, 1), backend="torch")
+
+
+def test_lomo_trainer_builds_the_adaptive_optimizers(tmp_path):
+    from transformers import TrainingArguments
+
+    from lomo_kernels.integrations.transformers import build_optimizer
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.1, max_grad_norm=1.0,
+                             report_to=[], use_cpu=True)
+    for name, cls, extra in (("adamw", lk.AdamW, {}), ("apollo", lk.Apollo, dict(rank=4)),
+                             ("apollo-mini", lk.ApolloMini, {})):
+        opt = build_optimizer(tiny_llama(), args, name, **extra)
+        assert type(opt) is cls and opt.clip_grad_norm == 1.0 and opt.weight_decay == 0.1
+        opt.close()

@@ -45,6 +45,8 @@ from ..optim.base import FusedOptimizer
 from ..optim.hift import HiFT
 
 OPTIMIZERS = {"lomo": Lomo, "adalomo": AdaLomo}
+from ..optim import AdamW, Apollo, ApolloMini  # noqa: E402
+OPTIMIZERS.update({"adamw": AdamW, "apollo": Apollo, "apollo-mini": ApolloMini})
 
 
 def build_optimizer(model, args, optimizer_name: str = "lomo", decay_parameters=None,
