@@ -12,10 +12,11 @@ from .optim import HiFT  # noqa: E402
 __all__ += ["HiFT"]
 from .optim import AdamW  # noqa: E402
 __all__ += ["AdamW"]
-from .fused_cross_entropy import (FusedLinearCrossEntropy, LomoHead, NormHead, OptimizerHead,  # noqa: E402
-                                  fused_linear_cross_entropy)
+from .fused_cross_entropy import (DeferredLMHead, FusedLinearCrossEntropy, LomoHead, NormHead,  # noqa: E402
+                                  OptimizerHead, fused_linear_cross_entropy)
 from .ops import linear_cross_entropy_grad_sqnorm_, linear_cross_entropy_update_  # noqa: E402
-__all__ += ["fused_linear_cross_entropy", "FusedLinearCrossEntropy", "LomoHead", "NormHead", "OptimizerHead",
+__all__ += ["fused_linear_cross_entropy", "FusedLinearCrossEntropy", "DeferredLMHead", "LomoHead", "NormHead",
+            "OptimizerHead",
             "linear_cross_entropy_update_", "linear_cross_entropy_grad_sqnorm_"]
 from .optim import Apollo, ApolloMini  # noqa: E402
 __all__ += ["Apollo", "ApolloMini"]

@@ -28,7 +28,8 @@ The updater protocol (``LMHeadUpdater``), by what it needs to know before it can
 
 Adapters: ``LomoHead`` (the rule's scalars given directly), ``NormHead`` (adds to a stats buffer), and
 ``OptimizerHead(optimizer)``, which follows a ``lomo_kernels`` ``Lomo`` or ``AdaLomo`` through its phases
-(``optimizer.phase``: "norm", "apply", "skip").
+(``optimizer.phase``: "norm", "apply", "skip"). A weight with other uses in the step (a tied embedding)
+defers its update: ``DeferredLMHead``.
 """
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ class LMHeadUpdater(Protocol):
 
     def end_pass(self, pass_name: str, weight: torch.Tensor) -> None:
         """After every chunk of a pass."""
+
+    # Optional: ``defer(weight) -> bool`` and ``keep(weight, record)``. When ``defer`` answers True the
+    # backward computes dH (and db) only and hands ``keep`` a ``DeferredLMHead`` (the weight has other uses
+    # still to come, e.g. a tied embedding); ``record.apply(weight, updater, ...)`` runs the update later.
 
 
 class LomoHead:
@@ -179,6 +184,55 @@ def _updater_passes(updater, weight) -> tuple[str, ...]:
     return tuple(updater.passes(weight))
 
 
+class DeferredLMHead:
+    """The token-sized record of one fused loss use whose LM-head update must wait: the weight has other
+    uses in the step whose backward has not run yet (a tied embedding: its backward comes after the
+    head's). Holds ``H``, the labels, ``lse`` and the per-token coefficients (``[T, d]`` + 3·``[T]``),
+    never the logits.
+
+    An updater opts in with ``defer(weight) -> bool`` (True: the Function's backward computes ``dH`` and
+    ``db`` only and hands this record to ``updater.keep(weight, record)``). ``apply`` later runs any
+    ``LMHeadUpdater``'s passes over the chunks, recomputing each chunk's ``dr_c`` from the record (one more
+    logits GEMM), with the other uses' contributions appended to each chunk as extra tokens: the
+    update is from the summed gradient, applied once (decay once, value clipping and norms of the sum)."""
+
+    def __init__(self, hidden2, weight, bias, labels1, lse, coef, cfg):
+        self.hidden2, self.bias, self.labels1, self.lse, self.coef, self.cfg = hidden2, bias, labels1, lse, coef, cfg
+        self.shape = tuple(weight.shape)
+
+    def apply(self, weight: torch.Tensor, updater: LMHeadUpdater, linear=(), embedding=()) -> None:
+        """``linear``: ``(x [T_k, d], dy [T_k, V])`` of other ``F.linear(x, weight)`` uses; ``embedding``:
+        ``(indices, dy [..., d], padding_idx)`` of ``F.embedding(indices, weight)`` uses (their gradient
+        ``one_hot(indices)ᵀ·dy`` joins as tokens ``x = dy``, ``dy = one_hot(indices)[:, v0:v1]``)."""
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"DeferredLMHead: weight of shape {tuple(weight.shape)}, recorded {self.shape}")
+        d = weight.shape[1]
+        lin = [(x.reshape(-1, d).to(torch.float32), dy.reshape(-1, dy.shape[-1])) for x, dy in linear]
+        emb = []
+        for indices, dy, padding_idx in embedding:
+            idx = indices.reshape(-1).to(torch.int64)
+            keep = idx != padding_idx if padding_idx is not None else torch.ones_like(idx, dtype=torch.bool)
+            emb.append((idx[keep], dy.reshape(-1, d)[keep].to(torch.float32)))
+        extra_x = [x for x, _ in lin] + [e for _, e in emb]
+
+        def on_chunk(name, v0, v1, h32, dr):
+            if not extra_x:
+                updater.chunk(name, weight, v0, v1, h32, dr)
+                return
+            parts = [dr] + [dy[:, v0:v1].to(torch.float32) for _, dy in lin]
+            for idx, _e in emb:
+                onehot = torch.zeros(idx.shape[0], v1 - v0, dtype=torch.float32, device=dr.device)
+                inside = ((idx >= v0) & (idx < v1)).nonzero().squeeze(1)
+                onehot[inside, idx[inside] - v0] = 1.0
+                parts.append(onehot)
+            updater.chunk(name, weight, v0, v1, torch.cat([h32] + extra_x), torch.cat(parts))
+
+        with torch.no_grad():
+            lce.chunk_loop(self.hidden2, weight, self.bias, self.labels1, self.lse, self.coef, self.cfg,
+                           _updater_passes(updater, weight), on_chunk, lambda name: updater.end_pass(name, weight),
+                           need_grad_hidden=False, need_grad_bias=False)
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """``loss = CE(softcap(hidden2 @ Wᵀ + b), labels1) / denom``; backward: ``dH``, ``db``, and the updater
     gets the LM head's gradient chunk by chunk (no gradient for ``weight``).
@@ -203,9 +257,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         cfg, weight, bias = ctx.cfg, ctx.weight, ctx.bias
         coef = torch.where(labels1 != cfg.ignore_index, grad_loss.to(torch.float32) / denom, 0.0)
         updater = ctx.updater
+        if updater is not None and getattr(updater, "defer", None) is not None and updater.defer(weight):
+            updater.keep(weight, DeferredLMHead(hidden2, weight, bias, labels1, lse, coef, cfg))
+            updater = None
         grad_h, grad_b = lce.chunk_loop(
             hidden2, weight, bias, labels1, lse, coef, cfg, _updater_passes(updater, weight),
-            lambda name, v0, v1, x, dy: updater.chunk(name, weight, v0, v1, x, dy),
+            lambda name, v0, v1, x, dy: updater.chunk(name, weight, v0, v1, x, dy),  # noqa: B023
             lambda name: updater.end_pass(name, weight),
             need_grad_hidden=ctx.needs_input_grad[0], need_grad_bias=ctx.needs_input_grad[2])
         if grad_h is not None:

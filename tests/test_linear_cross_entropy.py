@@ -339,11 +339,12 @@ def test_optimizer_head_lomo_norm_and_apply():
     opt.close()
 
 
-def test_optimizer_head_adalomo_equals_its_linear_apply():
+@pytest.mark.parametrize("clip_grad_value", [None, 1e-3])
+def test_optimizer_head_adalomo_equals_its_linear_apply(clip_grad_value):
     H, W, labels = _inputs(V=1000, seed=23)
     shifted = lk.fused_cross_entropy.shift_labels(labels)
     m1, m2 = _Head(W), _Head(W)
-    kw = dict(lr=0.05, clip_grad_value=None, weight_decay=0.01, loss_scale=2.0)
+    kw = dict(lr=0.05, clip_grad_value=clip_grad_value, weight_decay=0.01, loss_scale=2.0)
     opt1, opt2 = lk.AdaLomo(m1, **kw), lk.AdaLomo(m2, **kw)
     loss = fused_linear_cross_entropy(H.clone().requires_grad_(), m1.lm_head.weight, shifted,
                                       updater=OptimizerHead(opt1), chunk_size=128)
@@ -372,3 +373,73 @@ def test_optimizer_head_skip_phase_writes_nothing():
     fused_linear_cross_entropy(Hf, model.lm_head.weight, labels, updater=OptimizerHead(opt), shift=True).backward()
     assert torch.equal(model.lm_head.weight.detach(), W) and Hf.grad.abs().max() > 0
     opt.close()
+
+
+# --- a weight with other uses in the step (tied embedding): the deferred record ----------------------
+
+class _Deferring:
+    """What a routing site would do for a tied weight: keep the record until the last use's backward."""
+
+    def __init__(self):
+        self.records = []
+
+    def passes(self, weight):
+        raise AssertionError("a deferring updater is never asked for passes")
+
+    def defer(self, weight):
+        return True
+
+    def keep(self, weight, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("clip_value", [None, 1e-3])
+def test_tied_embedding_one_update_from_the_summed_gradient(clip_value):
+    V, d, B, S = 300, 16, 2, 11
+    g = torch.Generator().manual_seed(29)
+    W = torch.randn(V, d, generator=g) * 0.5
+    A = torch.randn(d, d, generator=g) * 0.3
+    ids = torch.randint(0, V, (B, S), generator=g)
+    ids[1, 0] = 0                                   # the padding row: no gradient through the embedding
+    labels = ids.clone()
+    labels[0, :2] = -100
+    lr, wd = 0.3, 0.1
+    # unfused: tied embedding + head, autograd sums both uses' gradients, one SGD step
+    Wr = nn.Parameter(W.clone())
+    h = torch.tanh(F.embedding(ids, Wr, padding_idx=0) @ A)
+    ForCausalLMLoss(h @ Wr.t(), labels, V).backward()
+    if clip_value is not None:
+        torch.nn.utils.clip_grad_value_([Wr], clip_value)
+    torch.optim.SGD([Wr], lr=lr, weight_decay=wd).step()
+    # fused: the head's backward gives dH with the old W and keeps its record; the embedding's dy joins it
+    Wf = W.clone()
+    e = F.embedding(ids, Wf, padding_idx=0).requires_grad_()
+    keeper = _Deferring()
+    loss = fused_linear_cross_entropy(torch.tanh(e @ A), Wf, labels, updater=keeper, shift=True, chunk_size=128)
+    loss.backward()
+    assert torch.equal(Wf, W) and len(keeper.records) == 1   # nothing written yet
+    keeper.records[0].apply(Wf, LomoHead(lr=lr, weight_decay=wd, clip_value=clip_value),
+                            embedding=[(ids, e.grad, 0)])
+    assert _rel(Wf, Wr.detach()) <= 1e-5
+    # a norm phase over the same record sees the summed gradient too
+    stats = torch.zeros(2)
+    keeper.records[0].apply(W.clone(), NormHead(stats), embedding=[(ids, e.grad, 0)])
+    Wn = nn.Parameter(W.clone())
+    ForCausalLMLoss(torch.tanh(F.embedding(ids, Wn, padding_idx=0) @ A) @ Wn.t(), labels, V).backward()
+    assert abs(stats[0].item() - Wn.grad.double().square().sum().item()) <= 1e-5 * stats[0].item()
+
+
+def test_deferred_with_a_linear_use():
+    V, d, T = 200, 8, 10
+    g = torch.Generator().manual_seed(31)
+    W = torch.randn(V, d, generator=g)
+    H = torch.randn(1, T, d, generator=g)
+    x2, dy2 = torch.randn(5, d, generator=g), torch.randn(5, V, generator=g)
+    labels = torch.randint(0, V, (1, T), generator=g)
+    Wr = nn.Parameter(W.clone())
+    (ForCausalLMLoss(H @ Wr.t(), labels, V) + (F.linear(x2, Wr) * dy2).sum()).backward()
+    keeper = _Deferring()
+    Wf = W.clone()
+    fused_linear_cross_entropy(H.requires_grad_(), Wf, labels, updater=keeper, shift=True, chunk_size=64).backward()
+    keeper.records[0].apply(Wf, LomoHead(lr=0.1), linear=[(x2, dy2)])
+    assert _rel(Wf, W - 0.1 * Wr.grad) <= 1e-5
