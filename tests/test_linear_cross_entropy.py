@@ -443,3 +443,35 @@ def test_deferred_with_a_linear_use():
     fused_linear_cross_entropy(H.requires_grad_(), Wf, labels, updater=keeper, shift=True, chunk_size=64).backward()
     keeper.records[0].apply(Wf, LomoHead(lr=0.1), linear=[(x2, dy2)])
     assert _rel(Wf, W - 0.1 * Wr.grad) <= 1e-5
+
+
+def test_optimizer_head_lomo_bf16_stochastic_equals_its_linear_apply():
+    H, W, labels = _inputs(V=1000, seed=37, dtype=torch.bfloat16)
+    shifted = lk.fused_cross_entropy.shift_labels(labels)
+    m1, m2 = _Head(W.float()).bfloat16(), _Head(W.float()).bfloat16()
+    opt1, opt2 = (lk.Lomo(m, lr=0.05, weight_decay=0.1, clip_grad_value=5e-3, seed=7) for m in (m1, m2))
+    loss = fused_linear_cross_entropy(H.clone().requires_grad_(), m1.lm_head.weight, shifted,
+                                      updater=OptimizerHead(opt1), chunk_size=256)
+    loss.backward()
+    H2 = H.float().reshape(-1, 16)
+    logits = (H2 @ W.float().t()).requires_grad_()
+    F.cross_entropy(logits, shifted.reshape(-1)).backward()
+    opt2.linear_apply(m2.lm_head.weight, H2, logits.grad)     # its own rule: stochastic rounding, seed per step
+    w1, w2 = m1.lm_head.weight.detach(), m2.lm_head.weight.detach()
+    diff = (w1.view(torch.int16).int() - w2.view(torch.int16).int()).abs()
+    assert not torch.equal(w1, W) and diff.max() <= 1 and (diff != 0).float().mean() < 1e-3
+    opt1.close()
+    opt2.close()
+
+
+def test_one_call_op_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        H = torch.randn(4096, 64, dtype=torch.bfloat16)
+        W = torch.randn(32000, 64, dtype=torch.bfloat16)
+        labels = torch.randint(0, 32000, (4096,))
+        loss, dh, db = lk.linear_cross_entropy_update_(H, W, labels, lr=0.1, rounding="stochastic", chunk_size=4096)
+        stats = torch.zeros(2)
+        lk.linear_cross_entropy_grad_sqnorm_(stats, H, W, labels, chunk_size=4096)
+    assert dh.shape == H.shape and dh.dtype == torch.bfloat16 and db is None and loss.shape == ()
