@@ -63,19 +63,12 @@ def fused_step(H, W, labels, clip, chunk):
     return step
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke run)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = ap.parse_args(argv)
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-    T, V, d, reps = args.tokens, args.vocab, args.hidden, args.repeats
-    if args.quick:
+def run(out_dir: str, quick: bool = False, tokens: int = 512, vocab: int = 32000, hidden: int = 256,
+        repeats: int = 9) -> list[dict]:
+    """The table (``out_dir``/linear_cross_entropy.md and .csv); ``quick``: tiny shapes, 2 repeats.
+    Same signature as the suites of ``bench.run_all`` (register it there as "linear_cross_entropy")."""
+    T, V, d, reps = tokens, vocab, hidden, repeats
+    if quick:
         T, V, d, reps = 64, 1000, 32, 2
     default_chunk = choose_chunk_size(T, V, d)
     chunks = sorted({c for c in (1024, 2048, 4096, 8192, default_chunk, V) if c <= V})
@@ -106,9 +99,23 @@ def main(argv=None):
              "peak MiB: allocated during the step and not yet freed, at the peak (torch profiler allocator events)",
              "fused: the chunk's logits are computed twice (forward's log-sum-exp pass, backward's recompute): "
              "4 GEMMs of T·V·d per step against the unfused path's 3"]
-    path = write_results(args.out if not args.quick else os.path.join(args.out, "quick"), "linear_cross_entropy",
-                         "Fused linear cross-entropy + LM-head update vs unfused (CPU)", rows, notes, device_record())
-    print(path)
+    print(write_results(out_dir, "linear_cross_entropy", "Fused linear cross-entropy + LM-head update vs unfused (CPU)",
+                        rows, notes, device_record()))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke run)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    run(args.out, args.quick, args.tokens, args.vocab, args.hidden, args.repeats)
 
 
 if __name__ == "__main__":
