@@ -162,3 +162,35 @@ def test_bad_arguments_are_refused(kwargs, match):
     # tiny_llama's smallest projected weight is k_proj [16, 32]: rank 17 is too big
     with pytest.raises((ValueError, TypeError), match=match):
         lk.Apollo(tiny_llama(), **{"rank": 4, **kwargs})
+
+
+@pytest.mark.parametrize("name, extra", [("adamw", {}), ("apollo", {"rank": 4, "update_proj_gap": 3}),
+                                         ("apollo-mini", {})])
+def test_lomo_trainer_trains_and_resumes_exactly(tmp_path, name, extra):
+    from transformers import TrainingArguments
+
+    from lomo_kernels.integrations.transformers import LomoTrainer
+
+    def args(out, **kw):
+        return TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-3,
+                                 max_grad_norm=0.5, lr_scheduler_type="linear", warmup_steps=1, weight_decay=0.01,
+                                 logging_steps=1, report_to=[], use_cpu=True, train_sampling_strategy="sequential",
+                                 dataloader_num_workers=0, disable_tqdm=True, seed=0, **{"save_strategy": "no", **kw})
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    start = copy.deepcopy(model.state_dict())
+    ids = torch.randint(0, model.config.vocab_size, (8, 10))
+    data = [{"input_ids": row, "labels": row.clone()} for row in ids]
+    kwargs = dict(optimizer_name=name, optimizer_kwargs=extra)
+    LomoTrainer(model=model, args=args(tmp_path / "full"), train_dataset=data, **kwargs).train()
+    assert any((p != start[n]).any() for n, p in model.named_parameters())
+    first = tiny_llama()
+    first.load_state_dict(start)
+    LomoTrainer(model=first, args=args(tmp_path / "split", save_strategy="steps", save_steps=2), train_dataset=data,
+                **kwargs).train()
+    resumed = tiny_llama()
+    trainer = LomoTrainer(model=resumed, args=args(tmp_path / "split"), train_dataset=data, **kwargs)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
+    for (n, p), q in zip(resumed.named_parameters(), model.parameters()):
+        assert torch.equal(p, q), n
