@@ -206,6 +206,7 @@ class Apollo(AdamW):
                     rounding=self._rounding_for(param), seed=self._seed_for(param), backend=self.backend,
                     name=self._name(param))
 
+    @torch.no_grad()
     def linear_apply(self, param, x, dy):
         name = self._name(param)
         st = self.projectors.get(name)
@@ -230,6 +231,7 @@ class Apollo(AdamW):
         adalomo_stats.adalomo_linear_update_(param, x, dy, row, col,
                                              **self._update_args(param, k * scalar * self.clip_coef))
 
+    @torch.no_grad()
     def dense_apply(self, param, grad):
         name = self._name(param)
         st = self.projectors.get(name)
