@@ -205,11 +205,22 @@ LOMO_HD T store_rounded(float v, uint64_t flat_index, const Rule& rule, T) {
                          : round_nearest(v, T{});
 }
 
+// Whether a stored value (fp32, or bf16/fp16 bits) is finite.
+LOMO_HD bool stored_finite(float v) { return is_finite(v); }
+LOMO_HD bool stored_finite(bf16 v) { return (v.bits & 0x7f80u) != 0x7f80u; }
+LOMO_HD bool stored_finite(fp16 v) { return (v.bits & 0x7c00u) != 0x7c00u; }
+
 // Update one weight element in place from its fp32 gradient entry `g`; `flat_index` is the
 // element's flat index in the whole weight (it seeds stochastic rounding).
+// The non-finite guard: when the new value, rounded into the weight's dtype, is not finite, the
+// element keeps its old bits and the function returns true (the caller counts it); else false.
 template <class T>
-LOMO_HD void update_element(T* w, float g, uint64_t flat_index, const Rule& rule) {
-  *w = store_rounded(updated_value(to_float(*w), g, rule), flat_index, rule, T{});
+LOMO_HD bool update_element(T* w, float g, uint64_t flat_index, const Rule& rule) {
+  const T old = *w;
+  const T v = store_rounded(updated_value(to_float(old), g, rule), flat_index, rule, T{});
+  const bool ok = stored_finite(v);
+  *w = ok ? v : old;
+  return !ok;
 }
 
 }  // namespace lomo

@@ -145,30 +145,49 @@ LOMO_AVX512 inline __m512i v_bf16_stochastic(__m512 v, __m512i uniform24) {
   return _mm512_mask_mov_epi32(rounded, keep_near, v_bf16_nearest(v));
 }
 
-// w[i] <- rule(w[i], g[i]) for i < count, W float or bf16, g fp32.
+LOMO_AVX512 inline int v_bad_count(__mmask16 ok) {
+  return __builtin_popcount(static_cast<unsigned>(static_cast<__mmask16>(~ok)));
+}
+
+// bf16 results (low halves of 32-bit lanes) that are finite: exponent bits not all ones.
+LOMO_AVX512 inline __mmask16 v_bf16_finite(__m512i out) {
+  return _mm512_cmpneq_epi32_mask(_mm512_and_si512(out, v_u32(0x7f80u)), v_u32(0x7f80u));
+}
+
+// w[i] <- rule(w[i], g[i]) for i < count, W float or bf16, g fp32, with update_element's non-finite
+// guard (a lane whose rounded result is not finite keeps its old bits). Returns the guarded lanes.
 template <class W>
-LOMO_AVX512 void update_span_avx512(W* w, const float* g, int64_t count, int64_t flat0, const Rule& scalar_rule) {
+LOMO_AVX512 int64_t update_span_avx512(W* w, const float* g, int64_t count, int64_t flat0, const Rule& scalar_rule) {
   const VRule rule = v_rule(scalar_rule);
-  int64_t i = 0;
+  int64_t i = 0, bad = 0;
   if constexpr (std::is_same_v<W, float>) {
     for (; i + 16 <= count; i += 16) {
-      _mm512_storeu_ps(w + i, v_updated_value(_mm512_loadu_ps(w + i), _mm512_loadu_ps(g + i), rule));
+      const __m512 v = v_updated_value(_mm512_loadu_ps(w + i), _mm512_loadu_ps(g + i), rule);
+      const __mmask16 ok = v_is_finite(v);
+      _mm512_mask_storeu_ps(w + i, ok, v);
+      bad += v_bad_count(ok);
     }
   } else if (rule.stochastic) {
     for (; i + 16 <= count; i += 16) {
       const __m512i wbits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
       const __m512 v = v_updated_value(v_bf16_to_f32(wbits), _mm512_loadu_ps(g + i), rule);
       const __m512i out = v_bf16_stochastic(v, v_uniform24(static_cast<uint64_t>(flat0 + i), rule.seed_hash));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm512_cvtepi32_epi16(out));
+      const __mmask16 ok = v_bf16_finite(out);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(wbits, ok, out)));
+      bad += v_bad_count(ok);
     }
   } else {
     for (; i + 16 <= count; i += 16) {
       const __m512i wbits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
       const __m512 v = v_updated_value(v_bf16_to_f32(wbits), _mm512_loadu_ps(g + i), rule);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm512_cvtepi32_epi16(v_bf16_nearest(v)));
+      const __m512i out = v_bf16_nearest(v);
+      const __mmask16 ok = v_bf16_finite(out);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(wbits, ok, out)));
+      bad += v_bad_count(ok);
     }
   }
-  for (; i < count; ++i) update_element(w + i, g[i], static_cast<uint64_t>(flat0 + i), scalar_rule);
+  for (; i < count; ++i) bad += update_element(w + i, g[i], static_cast<uint64_t>(flat0 + i), scalar_rule);
+  return bad;
 }
 
 // Lanes 0-7 / 8-15 of v widened to double (masked forms: no undefined-register temporaries).
@@ -427,28 +446,42 @@ void for_each_gradient_block(const at::Tensor& x, const at::Tensor& grad_out, Fn
   }
 }
 
-// w[i] <- rule(w[i], g[i]) for i < count; w[0] has flat index flat0 in the whole weight.
+// w[i] <- rule(w[i], g[i]) for i < count; w[0] has flat index flat0 in the whole weight. Returns how
+// many elements the non-finite guard kept (update_element).
 template <class W, class G>
-void update_span(W* w, const G* g, int64_t count, int64_t flat0, const Rule& rule) {
+int64_t update_span(W* w, const G* g, int64_t count, int64_t flat0, const Rule& rule) {
   constexpr bool vectorizable = std::is_same_v<G, float> && !std::is_same_v<W, fp16>;
   const bool simd = vectorizable && simd_enabled();
   const int64_t chunks = (count + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (count > kParallelGrain)
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (count > kParallelGrain)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t begin = c * kChunk, n = std::min(kChunk, count - begin);
 #ifdef LOMO_HAVE_AVX512_PATH
     if constexpr (vectorizable) {
       if (simd) {
-        update_span_avx512(w + begin, g + begin, n, flat0 + begin, rule);
+        bad += update_span_avx512(w + begin, g + begin, n, flat0 + begin, rule);
         continue;
       }
     }
 #endif
     for (int64_t i = begin; i < begin + n; ++i) {
-      update_element(w + i, to_float(g[i]), static_cast<uint64_t>(flat0 + i), rule);
+      bad += update_element(w + i, to_float(g[i]), static_cast<uint64_t>(flat0 + i), rule);
     }
   }
   (void)simd;
+  return bad;
+}
+
+// counter[0] += count (an int64 tensor of one element, or undefined: no counting).
+void add_to_counter(const c10::optional<at::Tensor>& counter, int64_t count) {
+  if (counter.has_value() && counter->defined() && count != 0) counter->data_ptr<int64_t>()[0] += count;
+}
+
+void check_counter(const c10::optional<at::Tensor>& counter, const char* op) {
+  if (!counter.has_value() || !counter->defined()) return;
+  TORCH_CHECK(counter->scalar_type() == at::kLong && counter->numel() == 1 && counter->device().is_cpu(),
+              "lomo_kernels_C::", op, ": nonfinite must be an int64 CPU tensor of one element");
 }
 
 struct NormSums {
@@ -513,24 +546,29 @@ void check_activations(const at::Tensor& x, const at::Tensor& grad_out, int64_t 
 
 void linear_update(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& grad_out, double decay,
                    double step, double inv_loss_scale, double clip_value, bool stochastic, int64_t seed,
-                   int64_t /*stream*/) {
+                   const c10::optional<at::Tensor>& nonfinite, int64_t /*stream*/) {
   check_cpu_weight(weight, "linear_update");
   check_activations(x, grad_out, weight.size(0), weight.size(1), "linear_update");
-  if (weight.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && !stochastic && std::isinf(clip_value) &&
-      x.size(0) > 0) {
-    // Plain SGD on fp32 is one GEMM accumulating into W: BLAS applies beta/alpha in place.
+  check_counter(nonfinite, "linear_update");
+  const bool counting = nonfinite.has_value() && nonfinite->defined();
+  if (!counting && weight.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && !stochastic &&
+      std::isinf(clip_value) && x.size(0) > 0) {
+    // Plain SGD on fp32 is one GEMM accumulating into W: BLAS applies beta/alpha in place. Unguarded:
+    // only without a counter (the caller's norm phase found the gradient finite).
     weight.addmm_(grad_out.t(), x, decay, -step * inv_loss_scale);
     return;
   }
   const Rule rule = make_rule(decay, step, inv_loss_scale, clip_value, stochastic, seed);
   const int64_t in_features = weight.size(1);
+  int64_t bad = 0;
   visit_dtype(dtype_of(weight), [&](auto w_elem) {
     using W = decltype(w_elem);
     W* w = typed<W>(weight);
     for_each_gradient_block(x, grad_out, [&](int64_t r0, int64_t rows, const float* g) {
-      update_span(w + r0 * in_features, g, rows * in_features, r0 * in_features, rule);
+      bad += update_span(w + r0 * in_features, g, rows * in_features, r0 * in_features, rule);
     });
   });
+  add_to_counter(nonfinite, bad);
 }
 
 void linear_grad_sqnorm(const at::Tensor& stats, const at::Tensor& x, const at::Tensor& grad_out,
@@ -717,8 +755,10 @@ void adalomo_scaled_sqnorm(const at::Tensor& stats, const at::Tensor& x, const a
 void adalomo_linear_update(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& grad_out,
                            const at::Tensor& row_scale, const at::Tensor& col_scale, double decay, double step,
                            double inv_loss_scale, double clip_value, bool stochastic, int64_t seed,
-                           int64_t /*stream*/) {
+                           const c10::optional<at::Tensor>& nonfinite, int64_t /*stream*/) {
   check_cpu_weight(weight, "adalomo_linear_update");
+  check_counter(nonfinite, "adalomo_linear_update");
+  int64_t bad = 0;
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   check_activations(x, grad_out, out_f, in_f, "adalomo_linear_update");
   check_vector(row_scale, out_f, "row_scale", "adalomo_linear_update");
@@ -731,9 +771,10 @@ void adalomo_linear_update(const at::Tensor& weight, const at::Tensor& x, const 
       float* block = const_cast<float*>(g);
       scale_block(block, r0, rows, in_f, row_scale.data_ptr<float>(), col_scale.data_ptr<float>(),
                   static_cast<float>(inv_loss_scale), static_cast<float>(clip_value));
-      update_span(w + r0 * in_f, block, rows * in_f, r0 * in_f, rule);
+      bad += update_span(w + r0 * in_f, block, rows * in_f, r0 * in_f, rule);
     });
   });
+  add_to_counter(nonfinite, bad);
 }
 
 // Calls fn(k, row, g) for each group k of the batch (its row, padding row excluded), g the row's fp32
@@ -766,31 +807,40 @@ void check_embedding(const at::Tensor& indices, const at::Tensor& grad_out, int6
 
 void embedding_update(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& grad_out,
                       int64_t padding_idx, double decay, double step, double inv_loss_scale, double clip_value,
-                      bool stochastic, int64_t seed, int64_t /*stream*/) {
+                      bool stochastic, int64_t seed, const c10::optional<at::Tensor>& nonfinite,
+                      int64_t /*stream*/) {
   check_cpu_weight(weight, "embedding_update");
+  check_counter(nonfinite, "embedding_update");
   const int64_t vocab = weight.size(0), dim = weight.size(1);
   check_embedding(indices, grad_out, dim, "embedding_update");
   const Rule rule = make_rule(decay, step, inv_loss_scale, clip_value, stochastic, seed);
   const RowGroupTensors group_tensors = group_rows(indices);
   const RowGroups groups = group_tensors.view(padding_idx);
+  // per group (rows run in parallel, each writes its own slot), summed in order after
+  std::vector<int64_t> bad_rows(static_cast<size_t>(groups.count), 0);
+  int64_t bad = 0;
   visit_dtype(dtype_of(weight), [&](auto w_elem) {
     using W = decltype(w_elem);
     W* w = typed<W>(weight);
     visit_dtype(dtype_of(grad_out), [&](auto d_elem) {
       using D = decltype(d_elem);
-      for_each_row_gradient(groups, typed<const D>(grad_out), dim, [&](int64_t, int64_t row, const float* g) {
-        for (int64_t c = 0; c < dim; ++c) update_element(w + row * dim + c, g[c], uint64_t(row * dim + c), rule);
+      for_each_row_gradient(groups, typed<const D>(grad_out), dim, [&](int64_t k, int64_t row, const float* g) {
+        int64_t n = 0;
+        for (int64_t c = 0; c < dim; ++c) n += update_element(w + row * dim + c, g[c], uint64_t(row * dim + c), rule);
+        bad_rows[static_cast<size_t>(k)] = n;
       });
     });
     if (decay != 1.0) {
       // Weight decay acts on every row, touched or not (as torch.optim.SGD with a dense gradient).
-#pragma omp parallel for schedule(static) if (vocab * dim > kParallelGrain)
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (vocab * dim > kParallelGrain)
       for (int64_t row = 0; row < vocab; ++row) {
         if (row_is_touched(groups, row)) continue;
-        for (int64_t c = 0; c < dim; ++c) update_element(w + row * dim + c, 0.0f, uint64_t(row * dim + c), rule);
+        for (int64_t c = 0; c < dim; ++c) bad += update_element(w + row * dim + c, 0.0f, uint64_t(row * dim + c), rule);
       }
     }
   });
+  for (int64_t n : bad_rows) bad += n;
+  add_to_counter(nonfinite, bad);
 }
 
 void embedding_grad_sqnorm(const at::Tensor& stats, const at::Tensor& indices, const at::Tensor& grad_out,
@@ -818,8 +868,11 @@ void embedding_grad_sqnorm(const at::Tensor& stats, const at::Tensor& indices, c
 }
 
 void dense_update(const at::Tensor& param, const at::Tensor& grad, double decay, double step, double inv_loss_scale,
-                  double clip_value, bool stochastic, int64_t seed, int64_t /*stream*/) {
+                  double clip_value, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& nonfinite,
+                  int64_t /*stream*/) {
   check_cpu_weight(param, "dense_update");
+  check_counter(nonfinite, "dense_update");
+  int64_t bad = 0;
   TORCH_CHECK(grad.numel() == param.numel() && grad.is_contiguous(),
               "lomo_kernels_C::dense_update: grad must be contiguous with the parameter's ", param.numel(),
               " elements, got ", grad.sizes());
@@ -828,9 +881,10 @@ void dense_update(const at::Tensor& param, const at::Tensor& grad, double decay,
     using P = decltype(p_elem);
     visit_dtype(dtype_of(grad), [&](auto g_elem) {
       using G = decltype(g_elem);
-      update_span(typed<P>(param), typed<const G>(grad), param.numel(), 0, rule);
+      bad = update_span(typed<P>(param), typed<const G>(grad), param.numel(), 0, rule);
     });
   });
+  add_to_counter(nonfinite, bad);
 }
 
 void dense_grad_sqnorm(const at::Tensor& stats, const at::Tensor& grad, double inv_loss_scale, int64_t /*stream*/) {
@@ -858,7 +912,8 @@ TORCH_LIBRARY_FRAGMENT(lomo_kernels_C, m) {
       "float inv_loss_scale, float clip_value, int stream) -> ()");
   m.def(
       "adalomo_linear_update(Tensor(a!) weight, Tensor x, Tensor grad_out, Tensor row_scale, Tensor col_scale, "
-      "float decay, float step, float inv_loss_scale, float clip_value, bool stochastic, int seed, int stream) -> ()");
+      "float decay, float step, float inv_loss_scale, float clip_value, bool stochastic, int seed, Tensor(b!)? nonfinite, "
+      "int stream) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lomo_kernels_C, CPU, m) {

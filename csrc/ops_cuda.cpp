@@ -21,6 +21,14 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b) {
               a.device(), ", got one on ", b.device());
 }
 
+// The counter's pointer for the kernels (null: no counting): an int64 tensor of one element, on `w`'s device.
+unsigned long long* counter_ptr(const c10::optional<at::Tensor>& nonfinite, const at::Tensor& w) {
+  if (!nonfinite.has_value() || !nonfinite->defined()) return nullptr;
+  TORCH_CHECK(nonfinite->scalar_type() == at::kLong && nonfinite->numel() == 1 && nonfinite->device() == w.device(),
+              "lomo_kernels_C: nonfinite must be an int64 tensor of one element on ", w.device());
+  return reinterpret_cast<unsigned long long*>(nonfinite->data_ptr<int64_t>());
+}
+
 void check_stats(const at::Tensor& stats) {
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == 2,
               "lomo_kernels_C: stats must be a float32 tensor of 2 elements");
@@ -42,7 +50,7 @@ void check_embedding(const at::Tensor& indices, const at::Tensor& grad_out) {
 
 void linear_update(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& grad_out, double decay,
                    double step, double inv_loss_scale, double clip_value, bool stochastic, int64_t seed,
-                   int64_t stream) {
+                   const c10::optional<at::Tensor>& nonfinite, int64_t stream) {
   const cuda::Launch launch = launch_for(weight, stream);
   check_same_device(weight, x);
   check_same_device(weight, grad_out);
@@ -50,7 +58,8 @@ void linear_update(const at::Tensor& weight, const at::Tensor& x, const at::Tens
   check_linear(x, grad_out, weight.size(0), weight.size(1));
   cuda::linear_update(launch, weight.data_ptr(), dtype_of(weight), x.data_ptr(), grad_out.data_ptr(), dtype_of(x),
                       x.size(0), weight.size(0), weight.size(1),
-                      make_rule(decay, step, inv_loss_scale, clip_value, stochastic, seed));
+                      make_rule(decay, step, inv_loss_scale, clip_value, stochastic, seed),
+                      counter_ptr(nonfinite, weight));
 }
 
 void linear_grad_sqnorm(const at::Tensor& stats, const at::Tensor& x, const at::Tensor& grad_out,
@@ -66,7 +75,7 @@ void linear_grad_sqnorm(const at::Tensor& stats, const at::Tensor& x, const at::
 
 void embedding_update(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& grad_out,
                       int64_t padding_idx, double decay, double step, double inv_loss_scale, double clip_value,
-                      bool stochastic, int64_t seed, int64_t stream) {
+                      bool stochastic, int64_t seed, const c10::optional<at::Tensor>& nonfinite, int64_t stream) {
   const cuda::Launch launch = launch_for(weight, stream);
   check_same_device(weight, indices);
   check_same_device(weight, grad_out);
@@ -78,7 +87,8 @@ void embedding_update(const at::Tensor& weight, const at::Tensor& indices, const
   const RowGroupTensors group_tensors = group_rows(indices);
   cuda::embedding_update(launch, weight.data_ptr(), dtype_of(weight), weight.size(0), weight.size(1),
                          grad_out.data_ptr(), dtype_of(grad_out), group_tensors.view(padding_idx), decay != 1.0,
-                         make_rule(decay, step, inv_loss_scale, clip_value, stochastic, seed));
+                         make_rule(decay, step, inv_loss_scale, clip_value, stochastic, seed),
+                         counter_ptr(nonfinite, weight));
 }
 
 void embedding_grad_sqnorm(const at::Tensor& stats, const at::Tensor& indices, const at::Tensor& grad_out,
@@ -94,13 +104,15 @@ void embedding_grad_sqnorm(const at::Tensor& stats, const at::Tensor& indices, c
 }
 
 void dense_update(const at::Tensor& param, const at::Tensor& grad, double decay, double step, double inv_loss_scale,
-                  double clip_value, bool stochastic, int64_t seed, int64_t stream) {
+                  double clip_value, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& nonfinite,
+                  int64_t stream) {
   const cuda::Launch launch = launch_for(param, stream);
   check_same_device(param, grad);
   TORCH_CHECK(grad.numel() == param.numel(), "lomo_kernels_C::dense_update: grad has ", grad.numel(),
               " elements, the parameter ", param.numel());
   cuda::dense_update(launch, param.data_ptr(), dtype_of(param), grad.data_ptr(), dtype_of(grad), param.numel(),
-                     make_rule(decay, step, inv_loss_scale, clip_value, stochastic, seed));
+                     make_rule(decay, step, inv_loss_scale, clip_value, stochastic, seed),
+                     counter_ptr(nonfinite, param));
 }
 
 void dense_grad_sqnorm(const at::Tensor& stats, const at::Tensor& grad, double inv_loss_scale, int64_t stream) {

@@ -388,9 +388,9 @@ def test_compiled_op_rejects_bad_shapes_before_writing():
     w = torch.randn(8, 5)
     before = w.clone()
     with pytest.raises(RuntimeError, match="expected x"):
-        torch.ops.lomo_kernels_C.linear_update(w, torch.randn(3, 6), torch.randn(3, 8), 1.0, 0.1, 1.0, 1.0, False, 0, 0)
+        torch.ops.lomo_kernels_C.linear_update(w, torch.randn(3, 6), torch.randn(3, 8), 1.0, 0.1, 1.0, 1.0, False, 0, None, 0)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        torch.ops.lomo_kernels_C.dense_update(w, torch.ones(8, 5, dtype=torch.float64), 1.0, 0.1, 1.0, 1.0, False, 0, 0)
+        torch.ops.lomo_kernels_C.dense_update(w, torch.ones(8, 5, dtype=torch.float64), 1.0, 0.1, 1.0, 1.0, False, 0, None, 0)
     assert_bitwise(w, before)
 
 

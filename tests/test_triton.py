@@ -216,9 +216,10 @@ def test_linear_update_non_finite_gradients_pass_through_clipping(w_dtype):
     dy[2, 4], dy[3, 9] = float("nan"), float("inf")
     got, ref = both_backends(lk.linear_update_, w, x, dy, lr=0.1, clip_value=1.0)
     assert_same_bits(got, ref)
-    assert bool(got[4].isnan().all())
-    # inf * x is ±inf, clipped to ±clip_value, where x != 0, and NaN where x == 0
-    assert torch.equal(got[9].isfinite(), x[3] != 0)
+    # the non-finite guard: row 4 (NaN gradient) keeps its old values; in row 9, inf * x is ±inf, clipped
+    # to ±clip_value, where x != 0 (updated), and NaN where x == 0 (kept)
+    assert torch.equal(got[4], w[4])
+    assert torch.equal(got[9] != w[9], x[3] != 0)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -325,7 +326,10 @@ def test_dense_update(p_dtype, g_dtype, rounding, option):
     g[0, 5] = float("nan")
     kw = dict(OPTIONS[option], rounding=rounding, seed=3)
     got, ref = both_backends(lk.dense_update_, p, g, **kw)
-    check_rounded(got, exact_update(p, g, **kw))
+    assert torch.equal(got[0, 5], p[0, 5])  # the non-finite guard keeps the element
+    expect = exact_update(p, g, **kw)
+    expect[0, 5] = p[0, 5].to(expect.dtype)
+    check_rounded(got, expect)
     # The update is elementwise: no summation order, so the reference's rounding is reproduced exactly.
     assert_same_bits(got, ref)
 
@@ -426,8 +430,8 @@ _GPU_BUILD_CHECK = textwrap.dedent('''
         cfg = tu._gemm_config(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[x]))
         options = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
         return ptx(tu._linear_kernel, arch,
-                   {"w_ptr": "*" + w, "x_ptr": "*" + x, "dy_ptr": "*" + x, "stats_ptr": "*fp32"},
-                   dict(NORM_ONLY=norm_only, STOCHASTIC=stochastic, DOT_IN_FP32=False,
+                   {"w_ptr": "*" + w, "x_ptr": "*" + x, "dy_ptr": "*" + x, "stats_ptr": "*fp32", "count_ptr": "*i64"},
+                   dict(NORM_ONLY=norm_only, STOCHASTIC=stochastic, COUNT=not norm_only, DOT_IN_FP32=False,
                         DOT_PRECISION="ieee" if x == "fp32" else "tf32", **cfg), **options)
 
     out = {f"linear-sm{arch}-{w}-{x}-{mode}": linear(arch, w, x, mode == "norm", mode == "stochastic")
@@ -435,12 +439,12 @@ _GPU_BUILD_CHECK = textwrap.dedent('''
                               ("fp32", "fp32", "nearest"), ("fp32", "bf16", "norm")]
            for arch in ((80, 90) if mode == "stochastic" else (90,))}
     out["dense-sm90-bf16-stochastic"] = ptx(
-        tu._dense_kernel, 90, {"p_ptr": "*bf16", "g_ptr": "*fp32", "stats_ptr": "*fp32"},
-        dict(NORM_ONLY=False, STOCHASTIC=True, BLOCK=tu._DENSE_BLOCK))
+        tu._dense_kernel, 90, {"p_ptr": "*bf16", "g_ptr": "*fp32", "stats_ptr": "*fp32", "count_ptr": "*i64"},
+        dict(NORM_ONLY=False, STOCHASTIC=True, COUNT=True, BLOCK=tu._DENSE_BLOCK))
     out["embedding-sm90-fp16-stochastic"] = ptx(
         tu._embedding_rows_kernel, 90,
-        {"w_ptr": "*fp16", "g_ptr": "*fp32", "row_of_slot_ptr": "*i32", "slot_of_row_ptr": "*i32"},
-        dict(ALL_ROWS=True, STOCHASTIC=True, BLOCK_ROWS=16, BLOCK_D=256))
+        {"w_ptr": "*fp16", "g_ptr": "*fp32", "count_ptr": "*i64", "row_of_slot_ptr": "*i32", "slot_of_row_ptr": "*i32"},
+        dict(ALL_ROWS=True, STOCHASTIC=True, COUNT=True, BLOCK_ROWS=16, BLOCK_D=256))
     print(json.dumps(out))
 ''')
 

@@ -72,5 +72,17 @@ __device__ inline void block_add_to_stats(float square, float nonfinite, float* 
   }
 }
 
+// A thread's count of guarded elements into the counter: an atomic only from a thread that kept one.
+__device__ __forceinline__ void add_count(unsigned bad, unsigned long long* nonfinite) {
+  if (bad != 0 && nonfinite != nullptr) atomicAdd(nonfinite, static_cast<unsigned long long>(bad));
+}
+
+// update_element with the count of guarded elements: an atomic only for an element that was kept.
+template <class T>
+__device__ __forceinline__ void update_counted(T* w, float g, uint64_t flat, const Rule& rule,
+                                               unsigned long long* nonfinite) {
+  if (update_element(w, g, flat, rule) && nonfinite != nullptr) atomicAdd(nonfinite, 1ull);
+}
+
 }  // namespace cuda
 }  // namespace lomo

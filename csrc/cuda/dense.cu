@@ -8,10 +8,11 @@ namespace {
 
 template <class P, class G>
 __global__ void __launch_bounds__(kReduceThreads)
-    dense_update_kernel(P* __restrict__ p, const G* __restrict__ g, int64_t count, Rule rule) {
+    dense_update_kernel(P* __restrict__ p, const G* __restrict__ g, int64_t count, Rule rule,
+                        unsigned long long* nonfinite) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
-    update_element(p + i, to_float(g[i]), static_cast<uint64_t>(i), rule);
+    update_counted(p + i, to_float(g[i]), static_cast<uint64_t>(i), rule, nonfinite);
   }
 }
 
@@ -31,7 +32,7 @@ __global__ void __launch_bounds__(kReduceThreads)
 }  // namespace
 
 void dense_update(const Launch& launch, void* p, DType p_dtype, const void* g, DType g_dtype, int64_t count,
-                  const Rule& rule) {
+                  const Rule& rule, unsigned long long* nonfinite) {
   if (count == 0) return;
   DeviceScope scope(launch.device);
   visit_dtype(p_dtype, [&](auto p_elem) {
@@ -39,7 +40,7 @@ void dense_update(const Launch& launch, void* p, DType p_dtype, const void* g, D
     visit_dtype(g_dtype, [&](auto g_elem) {
       using G = decltype(g_elem);
       dense_update_kernel<P, G><<<grid_for(count, kReduceThreads), kReduceThreads, 0, stream_of(launch)>>>(
-          static_cast<P*>(p), static_cast<const G*>(g), count, rule);
+          static_cast<P*>(p), static_cast<const G*>(g), count, rule, nonfinite);
     });
   });
   check(cudaGetLastError(), "dense_update launch");

@@ -18,28 +18,34 @@ __device__ __forceinline__ float group_column_sum(const D* __restrict__ dy, int6
 
 template <class W, class D>
 __global__ void __launch_bounds__(kReduceThreads)
-    embedding_rows_kernel(W* __restrict__ w, const D* __restrict__ dy, int64_t dim, RowGroups groups, Rule rule) {
+    embedding_rows_kernel(W* __restrict__ w, const D* __restrict__ dy, int64_t dim, RowGroups groups, Rule rule,
+                          unsigned long long* nonfinite) {
+  unsigned bad = 0;
   for (int64_t k = blockIdx.x; k < groups.count; k += gridDim.x) {
     const int64_t row = groups.rows[k];
     if (row == groups.padding_idx) continue;
     for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
       const int64_t flat = row * dim + c;
-      update_element(w + flat, group_column_sum(dy, dim, groups, k, c), static_cast<uint64_t>(flat), rule);
+      bad += update_element(w + flat, group_column_sum(dy, dim, groups, k, c), static_cast<uint64_t>(flat), rule);
     }
   }
+  add_count(bad, nonfinite);
 }
 
 // Weight decay of the rows the batch does not touch: the rule with a zero gradient.
 template <class W>
 __global__ void __launch_bounds__(kReduceThreads)
-    embedding_decay_kernel(W* __restrict__ w, int64_t vocab, int64_t dim, RowGroups groups, Rule rule) {
+    embedding_decay_kernel(W* __restrict__ w, int64_t vocab, int64_t dim, RowGroups groups, Rule rule,
+                           unsigned long long* nonfinite) {
+  unsigned bad = 0;
   for (int64_t row = blockIdx.x; row < vocab; row += gridDim.x) {
     if (row_is_touched(groups, row)) continue;
     for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
       const int64_t flat = row * dim + c;
-      update_element(w + flat, 0.0f, static_cast<uint64_t>(flat), rule);
+      bad += update_element(w + flat, 0.0f, static_cast<uint64_t>(flat), rule);
     }
   }
+  add_count(bad, nonfinite);
 }
 
 template <class D>
@@ -61,7 +67,8 @@ __global__ void __launch_bounds__(kReduceThreads)
 }  // namespace
 
 void embedding_update(const Launch& launch, void* w, DType w_dtype, int64_t vocab, int64_t dim, const void* dy,
-                      DType dy_dtype, const RowGroups& groups, bool decay_untouched, const Rule& rule) {
+                      DType dy_dtype, const RowGroups& groups, bool decay_untouched, const Rule& rule,
+                      unsigned long long* nonfinite) {
   if (dim == 0) return;
   DeviceScope scope(launch.device);
   visit_dtype(w_dtype, [&](auto w_elem) {
@@ -70,12 +77,12 @@ void embedding_update(const Launch& launch, void* w, DType w_dtype, int64_t voca
       visit_dtype(dy_dtype, [&](auto d_elem) {
         using D = decltype(d_elem);
         embedding_rows_kernel<W, D><<<grid_for(groups.count, 1), kReduceThreads, 0, stream_of(launch)>>>(
-            static_cast<W*>(w), static_cast<const D*>(dy), dim, groups, rule);
+            static_cast<W*>(w), static_cast<const D*>(dy), dim, groups, rule, nonfinite);
       });
     }
     if (decay_untouched && vocab > 0) {
       embedding_decay_kernel<W><<<grid_for(vocab, 1), kReduceThreads, 0, stream_of(launch)>>>(static_cast<W*>(w),
-                                                                                               vocab, dim, groups, rule);
+                                                                                               vocab, dim, groups, rule, nonfinite);
     }
   });
   check(cudaGetLastError(), "embedding_update launch");

@@ -17,7 +17,8 @@ struct Launch {
 
 // W[out, in] <- rule(W, dyᵀx) with x[tokens, in], dy[tokens, out] of act_dtype.
 void linear_update(const Launch& launch, void* w, DType w_dtype, const void* x, const void* dy, DType act_dtype,
-                   int64_t tokens, int64_t out_features, int64_t in_features, const Rule& rule);
+                   int64_t tokens, int64_t out_features, int64_t in_features, const Rule& rule,
+                   unsigned long long* nonfinite);
 
 // stats[0] += Σ u², stats[1] += #(!isfinite(u)), u = (dyᵀx) * inv_loss_scale.
 void linear_grad_sqnorm(const Launch& launch, float* stats, const void* x, const void* dy, DType act_dtype,
@@ -25,13 +26,15 @@ void linear_grad_sqnorm(const Launch& launch, float* stats, const void* x, const
 
 // Rows of W[vocab, dim] in `groups` take their summed dy rows; with decay_untouched the other rows decay.
 void embedding_update(const Launch& launch, void* w, DType w_dtype, int64_t vocab, int64_t dim, const void* dy,
-                      DType dy_dtype, const RowGroups& groups, bool decay_untouched, const Rule& rule);
+                      DType dy_dtype, const RowGroups& groups, bool decay_untouched, const Rule& rule,
+                      unsigned long long* nonfinite);
 
 void embedding_grad_sqnorm(const Launch& launch, float* stats, const void* dy, DType dy_dtype, int64_t dim,
                            const RowGroups& groups, float inv_loss_scale);
 
 void dense_update(const Launch& launch, void* p, DType p_dtype, const void* g, DType g_dtype, int64_t count,
-                  const Rule& rule);
+                  const Rule& rule, unsigned long long* nonfinite);
+// (the update launchers: `nonfinite`, when not null, gets +1 per element the non-finite guard kept)
 
 void dense_grad_sqnorm(const Launch& launch, float* stats, const void* g, DType g_dtype, int64_t count,
                        float inv_loss_scale);

@@ -67,7 +67,7 @@ __device__ __forceinline__ void fma_gradient_tile(const float* __restrict__ dy, 
 template <class W>
 __global__ void __launch_bounds__(kThreads)
     fma_update_kernel(W* __restrict__ w, const float* __restrict__ x, const float* __restrict__ dy, int64_t tokens,
-                      int64_t out_features, int64_t in_features, Rule rule) {
+                      int64_t out_features, int64_t in_features, Rule rule, unsigned long long* nonfinite) {
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile, n0 = static_cast<int64_t>(blockIdx.x) * kTile;
   float acc[kPerThread][kPerThread] = {};
   fma_gradient_tile(dy, x, tokens, out_features, in_features, m0, n0, acc);
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t n = n0 + tx + kThreadsSide * j;
       if (m < out_features && n < in_features) {
         const int64_t flat = m * in_features + n;
-        update_element(w + flat, acc[i][j], static_cast<uint64_t>(flat), rule);
+        update_counted(w + flat, acc[i][j], static_cast<uint64_t>(flat), rule, nonfinite);
       }
     }
   }
@@ -236,13 +236,14 @@ __device__ __forceinline__ void tc_for_each_entry(const float (&acc)[kTcFragsM][
 template <class W, class A>
 __global__ void __launch_bounds__(kTcThreads)
     tc_update_kernel(W* __restrict__ w, const A* __restrict__ x, const A* __restrict__ dy, int64_t tokens,
-                     int64_t out_features, int64_t in_features, bool vector, Rule rule) {
+                     int64_t out_features, int64_t in_features, bool vector, Rule rule,
+                     unsigned long long* nonfinite) {
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTcTile, n0 = static_cast<int64_t>(blockIdx.x) * kTcTile;
   float acc[kTcFragsM][kTcFragsN][4] = {};
   tc_gradient_tile(dy, x, tokens, out_features, in_features, m0, n0, vector, acc);
   tc_for_each_entry(acc, out_features, in_features, m0, n0, [&](int64_t m, int64_t n, float g) {
     const int64_t flat = m * in_features + n;
-    update_element(w + flat, g, static_cast<uint64_t>(flat), rule);
+    update_counted(w + flat, g, static_cast<uint64_t>(flat), rule, nonfinite);
   });
 }
 
@@ -292,7 +293,8 @@ void allow_tc_shared(Kernel kernel) {
 }  // namespace
 
 void linear_update(const Launch& launch, void* w, DType w_dtype, const void* x, const void* dy, DType act_dtype,
-                   int64_t tokens, int64_t out_features, int64_t in_features, const Rule& rule) {
+                   int64_t tokens, int64_t out_features, int64_t in_features, const Rule& rule,
+                   unsigned long long* nonfinite) {
   if (out_features == 0 || in_features == 0) return;
   DeviceScope scope(launch.device);
   const cudaStream_t stream = stream_of(launch);
@@ -301,7 +303,7 @@ void linear_update(const Launch& launch, void* w, DType w_dtype, const void* x, 
     if (act_dtype == DType::f32) {
       fma_update_kernel<W><<<tile_grid(out_features, in_features, kTile), kThreads, 0, stream>>>(
           static_cast<W*>(w), static_cast<const float*>(x), static_cast<const float*>(dy), tokens, out_features,
-          in_features, rule);
+          in_features, rule, nonfinite);
       return;
     }
     const bool vector = vector_loads(x, dy, out_features, in_features);
@@ -311,7 +313,7 @@ void linear_update(const Launch& launch, void* w, DType w_dtype, const void* x, 
       allow_tc_shared(tc_update_kernel<W, A>);
       tc_update_kernel<W, A><<<grid, kTcThreads, kTcSharedBytes, stream>>>(
           static_cast<W*>(w), static_cast<const A*>(x), static_cast<const A*>(dy), tokens, out_features, in_features,
-          vector, rule);
+          vector, rule, nonfinite);
     };
     if (act_dtype == DType::bf16) {
       launch_tc(bf16{});

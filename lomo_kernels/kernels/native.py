@@ -65,8 +65,9 @@ def _rule_args(rule: UpdateRule) -> tuple:
     return (rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed)
 
 
-def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule) -> None:
-    _ops().linear_update(w, x, dy, *_rule_args(rule), _stream(w))
+def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule,
+                  nonfinite: torch.Tensor | None = None) -> None:
+    _ops().linear_update(w, x, dy, *_rule_args(rule), nonfinite, _stream(w))
 
 
 def linear_grad_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float) -> None:
@@ -92,12 +93,13 @@ def adalomo_scaled_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor
 
 
 def adalomo_linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
-                          col_scale: torch.Tensor, rule: UpdateRule) -> None:
-    _ops().adalomo_linear_update(w, x, dy, row_scale, col_scale, *_rule_args(rule), 0)
+                          col_scale: torch.Tensor, rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
+    _ops().adalomo_linear_update(w, x, dy, row_scale, col_scale, *_rule_args(rule), nonfinite, 0)
 
 
-def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int, rule: UpdateRule) -> None:
-    _ops().embedding_update(w, idx, dy, padding_idx, *_rule_args(rule), _stream(w))
+def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int, rule: UpdateRule,
+                     nonfinite: torch.Tensor | None = None) -> None:
+    _ops().embedding_update(w, idx, dy, padding_idx, *_rule_args(rule), nonfinite, _stream(w))
 
 
 def embedding_grad_sqnorm(stats: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int,
@@ -105,8 +107,8 @@ def embedding_grad_sqnorm(stats: torch.Tensor, idx: torch.Tensor, dy: torch.Tens
     _ops().embedding_grad_sqnorm(stats, idx, dy, padding_idx, inv_loss_scale, _stream(stats))
 
 
-def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule) -> None:
-    _ops().dense_update(p, g, *_rule_args(rule), _stream(p))
+def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
+    _ops().dense_update(p, g, *_rule_args(rule), nonfinite, _stream(p))
 
 
 def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: float) -> None:

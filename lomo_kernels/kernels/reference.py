@@ -31,11 +31,13 @@ def _rows_per_chunk(cols: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(cols, 1))
 
 
-def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule) -> None:
+def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule,
+                  nonfinite: torch.Tensor | None = None) -> None:
     out_f, in_f = w.shape
-    if (w.dtype == x.dtype == torch.float32 and not rule.stochastic and not math.isfinite(rule.clip_value)
-            and x.shape[0] > 0):
-        # Plain SGD on fp32 is one GEMM accumulating into W: BLAS applies beta/alpha in place.
+    if (nonfinite is None and w.dtype == x.dtype == torch.float32 and not rule.stochastic
+            and not math.isfinite(rule.clip_value) and x.shape[0] > 0):
+        # Plain SGD on fp32 is one GEMM accumulating into W: BLAS applies beta/alpha in place. No
+        # non-finite guard: taken only without a counter (see _common).
         w.addmm_(dy.t(), x, beta=rule.decay, alpha=-rule.step * rule.inv_loss_scale)
         return
     x32, dy32 = x.to(torch.float32), dy.to(torch.float32)
@@ -43,7 +45,7 @@ def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: Upda
     for r0 in range(0, out_f, rows):
         r1 = min(r0 + rows, out_f)
         g = dy32[:, r0:r1].t() @ x32
-        apply_rule_(w[r0:r1], g, rule, flat_offset=r0 * in_f)
+        apply_rule_(w[r0:r1], g, rule, flat_offset=r0 * in_f, nonfinite=nonfinite)
 
 
 def linear_grad_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float) -> None:
@@ -86,19 +88,24 @@ def _row_gradients(idx: torch.Tensor, dy: torch.Tensor, padding_idx: int):
     return rows, g
 
 
-def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int, rule: UpdateRule) -> None:
+def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int, rule: UpdateRule,
+                     nonfinite: torch.Tensor | None = None) -> None:
     vocab, dim = w.shape
     rows, g = _row_gradients(idx, dy, padding_idx)
     cols = torch.arange(dim, device=w.device, dtype=torch.int64)
     w_rows = w[rows]
-    apply_rule_(w_rows, g, rule, flat_offset=rows[:, None] * dim + cols)
+    apply_rule_(w_rows, g, rule, flat_offset=rows[:, None] * dim + cols, nonfinite=nonfinite)
     if rule.decay != 1.0:
         # Weight decay acts on every row, touched or not (as torch.optim.SGD with a dense gradient);
         # the touched rows are rewritten with their own update afterwards.
         for r0 in range(0, vocab, _rows_per_chunk(dim)):
             block = w[r0:r0 + _rows_per_chunk(dim)]
             apply_rule_(block, torch.zeros(block.shape, dtype=torch.float32, device=w.device), rule,
-                        flat_offset=r0 * dim)
+                        flat_offset=r0 * dim, nonfinite=nonfinite)
+        if nonfinite is not None:
+            # the touched rows' decay-only results were counted above but are not kept: uncount them
+            # (with a zero gradient a result is non-finite exactly when the guarded old value is)
+            nonfinite -= (~torch.isfinite(w[rows])).sum()
     w[rows] = w_rows
 
 
@@ -108,8 +115,8 @@ def embedding_grad_sqnorm(stats: torch.Tensor, idx: torch.Tensor, dy: torch.Tens
     accumulate_sqnorm_(stats, g, inv_loss_scale)
 
 
-def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule) -> None:
-    apply_rule_(p, g, rule, flat_offset=0)
+def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
+    apply_rule_(p, g, rule, flat_offset=0, nonfinite=nonfinite)
 
 
 def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: float) -> None:
@@ -168,9 +175,10 @@ def adalomo_scaled_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor
 
 
 def adalomo_linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
-                          col_scale: torch.Tensor, rule: UpdateRule) -> None:
+                          col_scale: torch.Tensor, rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
     """``W <- rule.decay·W - rule.step · row_scale_i · clamp(G_ij · inv_loss_scale, ±clip_value) · col_scale_j``."""
     scaled_rule = dataclasses.replace(rule, inv_loss_scale=1.0, clip_value=math.inf)
     in_f = w.shape[1]
     for r0, r1, g in _clipped_gradient_blocks(x, dy, rule.inv_loss_scale, rule.clip_value):
-        apply_rule_(w[r0:r1], g * row_scale[r0:r1, None] * col_scale, scaled_rule, flat_offset=r0 * in_f)
+        apply_rule_(w[r0:r1], g * row_scale[r0:r1, None] * col_scale, scaled_rule, flat_offset=r0 * in_f,
+                    nonfinite=nonfinite)

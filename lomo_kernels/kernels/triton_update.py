@@ -123,11 +123,13 @@ def _round_stochastic(v, flat_index, seed_mix, DTYPE: tl.constexpr):
 
 @triton.jit
 def _finish_tile(g, w_ptrs, flat_index, mask, stats_ptr, decay, step, inv_loss_scale, clip_value, seed_mix,
-                 NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr):
+                 NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, count_ptr=None, COUNT: tl.constexpr = False):
     """The epilogue of every kernel, on a tile of fp32 gradient ``g`` (masked-off entries ignored).
 
     ``NORM_ONLY``: add the tile's ``[sum(u*u), count(!isfinite(u))]`` to ``stats_ptr[0:2]``.
-    Otherwise: update the weights at ``w_ptrs`` by the rule and round them into their own dtype.
+    Otherwise: update the weights at ``w_ptrs`` by the rule and round them into their own dtype; an
+    element whose rounded result is not finite keeps its old value (the guard of ``_common``), and
+    with ``COUNT`` the tile's number of such elements is added to ``count_ptr[0]`` (int64).
     """
     u = g * inv_loss_scale
     if NORM_ONLY:
@@ -140,20 +142,24 @@ def _finish_tile(g, w_ptrs, flat_index, mask, stats_ptr, decay, step, inv_loss_s
         w = tl.load(w_ptrs, mask=mask, other=0.0)
         new = _widen(w) * decay - step * u
         if w_ptrs.dtype.element_ty == tl.float32:
-            tl.store(w_ptrs, new, mask=mask)
+            out = new
         elif STOCHASTIC:
-            tl.store(w_ptrs, _round_stochastic(new, flat_index, seed_mix, w_ptrs.dtype.element_ty), mask=mask)
+            out = _round_stochastic(new, flat_index, seed_mix, w_ptrs.dtype.element_ty)
         else:
-            tl.store(w_ptrs, _round_nearest(new, w_ptrs.dtype.element_ty), mask=mask)
+            out = _round_nearest(new, w_ptrs.dtype.element_ty)
+        ok = _is_finite(_widen(out))
+        tl.store(w_ptrs, tl.where(ok, out, w), mask=mask)
+        if COUNT:
+            tl.atomic_add(count_ptr, tl.sum(tl.where(mask & ~ok, 1, 0).to(tl.int64)))
 
 
 # --- kernels ------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["seed_mix"])
-def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, tokens, out_features, in_features,
+def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, count_ptr, tokens, out_features, in_features,
                    stride_w_out, stride_w_in, stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
                    decay, step, inv_loss_scale, clip_value, seed_mix,
-                   NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                   NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, COUNT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
                    BLOCK_T: tl.constexpr):
     """One [BLOCK_OUT, BLOCK_IN] tile of ``G = dyᵀx`` per program, finished by ``_finish_tile``.
@@ -190,25 +196,25 @@ def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, tokens, out_features, in_fea
     flat_index = flat_base + (r[:, None].to(tl.uint32) * in_u32 + c[None, :].to(tl.uint32))
     _finish_tile(acc, w_tile + (r[:, None] * stride_w_out + c[None, :] * stride_w_in),
                  flat_index, row_ok[:, None] & col_ok[None, :], stats_ptr,
-                 decay, step, inv_loss_scale, clip_value, seed_mix, NORM_ONLY, STOCHASTIC)
+                 decay, step, inv_loss_scale, clip_value, seed_mix, NORM_ONLY, STOCHASTIC, count_ptr, COUNT)
 
 
 @triton.jit(do_not_specialize=["seed_mix"])
-def _dense_kernel(p_ptr, g_ptr, stats_ptr, numel, stride_p, stride_g,
+def _dense_kernel(p_ptr, g_ptr, stats_ptr, count_ptr, numel, stride_p, stride_g,
                   decay, step, inv_loss_scale, clip_value, seed_mix,
-                  NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+                  NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     g = _widen(tl.load(g_ptr + offs * stride_g, mask=mask, other=0.0))
     _finish_tile(g, p_ptr + offs * stride_p, offs, mask, stats_ptr,
-                 decay, step, inv_loss_scale, clip_value, seed_mix, NORM_ONLY, STOCHASTIC)
+                 decay, step, inv_loss_scale, clip_value, seed_mix, NORM_ONLY, STOCHASTIC, count_ptr, COUNT)
 
 
 @triton.jit(do_not_specialize=["seed_mix"])
-def _embedding_rows_kernel(w_ptr, g_ptr, row_of_slot_ptr, slot_of_row_ptr, n_rows, dim,
+def _embedding_rows_kernel(w_ptr, g_ptr, count_ptr, row_of_slot_ptr, slot_of_row_ptr, n_rows, dim,
                            stride_w_row, stride_w_col, stride_g_row, stride_g_col,
                            decay, step, inv_loss_scale, clip_value, seed_mix,
-                           ALL_ROWS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                           ALL_ROWS: tl.constexpr, STOCHASTIC: tl.constexpr, COUNT: tl.constexpr,
                            BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Update embedding rows from ``g`` [slots, dim], the summed gradients of the touched rows.
 
@@ -230,7 +236,7 @@ def _embedding_rows_kernel(w_ptr, g_ptr, row_of_slot_ptr, slot_of_row_ptr, n_row
                 mask=mask & (slot >= 0)[:, None], other=0.0)
     _finish_tile(g, w_ptr + row[:, None] * stride_w_row + cols[None, :] * stride_w_col,
                  row[:, None] * dim + cols[None, :], mask, w_ptr,
-                 decay, step, inv_loss_scale, clip_value, seed_mix, False, STOCHASTIC)
+                 decay, step, inv_loss_scale, clip_value, seed_mix, False, STOCHASTIC, count_ptr, COUNT)
 
 
 # --- launch configuration -----------------------------------------------------------------------
@@ -270,7 +276,7 @@ def _check_device(t: torch.Tensor) -> None:
 # --- the backend interface ----------------------------------------------------------------------
 
 def _linear(w: torch.Tensor | None, x: torch.Tensor, dy: torch.Tensor, stats: torch.Tensor | None,
-            rule: UpdateRule) -> None:
+            rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
     """Update ``w`` (``stats`` None) or, in norm-only mode, add to ``stats`` (``w`` None)."""
     _check_device(x)
     # The kernel takes both pointers and dereferences one; the other gets a stand-in.
@@ -287,34 +293,37 @@ def _linear(w: torch.Tensor | None, x: torch.Tensor, dy: torch.Tensor, stats: to
     fp32_operands = dot_in_fp32 or x.dtype == torch.float32
     cfg = _gemm_config(x.dtype)
     grid = (triton.cdiv(out_features, cfg["BLOCK_OUT"]), triton.cdiv(in_features, cfg["BLOCK_IN"]))
-    _linear_kernel[grid](w, x, dy, stats, tokens, out_features, in_features,
-                         *w_strides, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-                         *_rule_args(rule), NORM_ONLY=norm_only,
+    _linear_kernel[grid](w, x, dy, stats, stats if nonfinite is None else nonfinite, tokens, out_features,
+                         in_features, *w_strides, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                         *_rule_args(rule), NORM_ONLY=norm_only, COUNT=nonfinite is not None and not norm_only,
                          STOCHASTIC=rule.stochastic and w.dtype != torch.float32, DOT_IN_FP32=dot_in_fp32,
                          # "ieee": fp32 operands in full precision, not rounded to tf32 (the default).
                          DOT_PRECISION="ieee" if fp32_operands else "tf32", **cfg, **_NO_FMA)
 
 
-def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule) -> None:
-    _linear(w, x, dy, None, rule)
+def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule,
+                  nonfinite: torch.Tensor | None = None) -> None:
+    _linear(w, x, dy, None, rule, nonfinite)
 
 
 def linear_grad_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float) -> None:
     _linear(None, x, dy, stats, _norm_rule(inv_loss_scale))
 
 
-def _dense(p: torch.Tensor, g: torch.Tensor, stats: torch.Tensor, rule: UpdateRule, norm_only: bool) -> None:
+def _dense(p: torch.Tensor, g: torch.Tensor, stats: torch.Tensor, rule: UpdateRule, norm_only: bool,
+           nonfinite: torch.Tensor | None = None) -> None:
     _check_device(g)
     numel = g.numel()
     if numel == 0:
         return
     _dense_kernel[(triton.cdiv(numel, _DENSE_BLOCK),)](
-        p, g, stats, numel, p.stride(0), g.stride(0), *_rule_args(rule), NORM_ONLY=norm_only,
+        p, g, stats, stats if nonfinite is None else nonfinite, numel, p.stride(0), g.stride(0), *_rule_args(rule),
+        NORM_ONLY=norm_only, COUNT=nonfinite is not None and not norm_only,
         STOCHASTIC=rule.stochastic and p.dtype != torch.float32, BLOCK=_DENSE_BLOCK, **_NO_FMA)
 
 
-def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule) -> None:
-    _dense(p, g, p, rule, norm_only=False)
+def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
+    _dense(p, g, p, rule, norm_only=False, nonfinite=nonfinite)
 
 
 def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: float) -> None:
@@ -322,7 +331,7 @@ def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: floa
 
 
 def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int,
-                     rule: UpdateRule) -> None:
+                     rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
     _check_device(w)
     vocab, dim = w.shape
     rows, g = _row_gradients(idx, dy, padding_idx)  # g: fp32 [touched rows, dim], duplicates summed
@@ -338,9 +347,10 @@ def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, paddi
     block_d = min(256, triton.next_power_of_2(dim))
     block_rows = max(1, _EMBEDDING_TILE // block_d)
     grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(dim, block_d))
-    _embedding_rows_kernel[grid](w, g, row_of_slot, slot_of_row, n_rows, dim,
+    _embedding_rows_kernel[grid](w, g, w if nonfinite is None else nonfinite, row_of_slot, slot_of_row, n_rows, dim,
                                  w.stride(0), w.stride(1), g.stride(0), g.stride(1), *_rule_args(rule),
                                  ALL_ROWS=all_rows, STOCHASTIC=rule.stochastic and w.dtype != torch.float32,
+                                 COUNT=nonfinite is not None,
                                  BLOCK_ROWS=block_rows, BLOCK_D=block_d, **_NO_FMA)
 
 

@@ -6,7 +6,14 @@ Per element, with ``g`` the raw fp32 gradient entry (``dYᵀX`` for a linear lay
     u     = g * inv_loss_scale
     u     = clamp(u, -clip_value, clip_value)        # NaN passes through, like torch.clamp
     w_new = w * decay - step * u                      # decay = 1 - lr*wd, step = lr*coef
-    W     = round(w_new)                              # into W's dtype: nearest-even or stochastic
+    W     = round(w_new) if isfinite(round(w_new)) else W   # into W's dtype: nearest-even or stochastic
+
+The last line is the non-finite guard: an element whose new value, *after* rounding into the weight's
+dtype, is not finite (a NaN/inf gradient entry, or an overflow in the rounding) keeps its old bits,
+and the update ops count such elements into an optional ``nonfinite`` counter (an int64 tensor of
+shape (1,), added to on the device, no host sync). One exception: fp32 plain-SGD ``linear_update_``
+calls *without* a counter take the one-GEMM shortcut (``W.addmm_``), which has no guard; the
+optimizers pass a counter whenever no norm phase has checked the gradient.
 
 which is lomo-optim's order of operations (divide by the loss scale, clip by value, scale by the
 norm-clip coefficient, decay, subtract). The norm pass accumulates, per element,
@@ -123,6 +130,17 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
+def check_counter(nonfinite: torch.Tensor | None, w: torch.Tensor, name: str) -> None:
+    if nonfinite is None:
+        return
+    if (not isinstance(nonfinite, torch.Tensor) or nonfinite.dtype != torch.int64 or nonfinite.shape != (1,)
+            or nonfinite.device != w.device):
+        got = (f"{nonfinite.dtype} {tuple(nonfinite.shape)} on {nonfinite.device}" if isinstance(nonfinite, torch.Tensor)
+               else type(nonfinite).__name__)
+        raise ValueError(f"{name}: nonfinite must be an int64 tensor of shape (1,) on {w.device} (the count of "
+                         f"elements the non-finite guard kept), got {got}")
+
+
 def check_stats(stats: torch.Tensor, w: torch.Tensor, name: str) -> None:
     if stats.dtype != torch.float32 or stats.shape != (2,) or stats.device != w.device:
         raise ValueError(f"{name}: stats must be a float32 tensor of shape (2,) on {w.device} "
@@ -174,26 +192,33 @@ def round_stochastic(v: torch.Tensor, dtype: torch.dtype, flat_index: torch.Tens
     return torch.where(exact_or_special, near, out)
 
 
-def apply_rule_(w: torch.Tensor, g: torch.Tensor, rule: UpdateRule, flat_offset: int | torch.Tensor = 0) -> None:
+def apply_rule_(w: torch.Tensor, g: torch.Tensor, rule: UpdateRule, flat_offset: int | torch.Tensor = 0,
+                nonfinite: torch.Tensor | None = None) -> None:
     """Reference epilogue: update ``w`` (any float dtype, any shape) in place from fp32 ``g`` of the same shape.
 
     ``flat_offset`` is the flat index of ``w``'s first element in the whole weight (an int for a
     contiguous chunk, or a tensor of per-element flat indices), used only by stochastic rounding.
+    An element whose rounded new value is not finite keeps its old value (the guard); with
+    ``nonfinite`` (int64, shape (1,)) their count is added to it.
     """
     u = g.to(torch.float32) * rule.inv_loss_scale
     if math.isfinite(rule.clip_value):
         u = u.clamp(-rule.clip_value, rule.clip_value)
     new = w.to(torch.float32) * rule.decay - rule.step * u
     if w.dtype == torch.float32:
-        w.copy_(new)
+        out = new
     elif rule.stochastic:
         if isinstance(flat_offset, torch.Tensor):
             idx = flat_offset.reshape(new.shape).to(torch.int64)
         else:
             idx = torch.arange(flat_offset, flat_offset + new.numel(), device=w.device, dtype=torch.int64).view(new.shape)
-        w.copy_(round_stochastic(new, w.dtype, idx, rule.seed))
+        out = round_stochastic(new, w.dtype, idx, rule.seed)
     else:
-        w.copy_(new)
+        out = new.to(w.dtype)
+    ok = torch.isfinite(out)
+    w.copy_(torch.where(ok, out, w))
+    if nonfinite is not None:
+        nonfinite += (~ok).sum()
 
 
 def accumulate_sqnorm_(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: float) -> None:

@@ -24,12 +24,13 @@ that needs both the global norm and AdaLomo's sums gets them from one pass over 
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 
 from .. import backends
 from ..kernels import reference
-from ._common import UpdateRule, check_stats, run_op
+from ._common import UpdateRule, check_counter, check_stats, run_op
 from .embedding_update import _flatten as _flatten_embedding
 from .linear_update import _flatten as _flatten_linear
 from .linear_update import linear_grad_sqnorm_, linear_update_
@@ -85,20 +86,21 @@ def _(stats, x, grad_out, row_scale, col_scale, inv_loss_scale, clip_value, back
 
 def _linear_update_impl(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, row_scale: torch.Tensor,
                         col_scale: torch.Tensor, decay: float, step: float, inv_loss_scale: float, clip_value: float,
-                        stochastic: bool, seed: int, backend: str) -> None:
+                        stochastic: bool, seed: int, nonfinite: Optional[torch.Tensor], backend: str) -> None:
     rule = UpdateRule(decay, step, inv_loss_scale, clip_value, stochastic, seed)
     if _compiled(backend):
-        backends.module(backend).adalomo_linear_update(weight, x, grad_out, row_scale, col_scale, rule)
+        backends.module(backend).adalomo_linear_update(weight, x, grad_out, row_scale, col_scale, rule, nonfinite)
     else:
-        reference.adalomo_linear_update(weight, x, grad_out, row_scale, col_scale, rule)
+        reference.adalomo_linear_update(weight, x, grad_out, row_scale, col_scale, rule, nonfinite)
 
 
-_linear_update_op = torch.library.custom_op("lomo_kernels::adalomo_linear_update_", mutates_args=("weight",))(
-    _linear_update_impl)
+_linear_update_op = torch.library.custom_op("lomo_kernels::adalomo_linear_update_",
+                                            mutates_args=("weight", "nonfinite"))(_linear_update_impl)
 
 
 @_linear_update_op.register_fake
-def _(weight, x, grad_out, row_scale, col_scale, decay, step, inv_loss_scale, clip_value, stochastic, seed, backend):
+def _(weight, x, grad_out, row_scale, col_scale, decay, step, inv_loss_scale, clip_value, stochastic, seed, nonfinite,
+      backend):
     return None
 
 
@@ -176,8 +178,10 @@ def adalomo_scaled_sqnorm_(stats: torch.Tensor, weight: torch.Tensor, x: torch.T
 def adalomo_linear_update_(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, row_scale: torch.Tensor,
                            col_scale: torch.Tensor, *, lr: float, weight_decay: float = 0.0, coef: float = 1.0,
                            loss_scale: float = 1.0, clip_value: float | None = None, rounding: str = "nearest",
-                           seed: int = 0, backend: str = "auto", name: str = "weight") -> None:
-    """``W <- (1 - lr·wd)·W - lr·coef · row_scale_i · clamp(G_ij / loss_scale, ±clip_value) · col_scale_j``."""
+                           seed: int = 0, backend: str = "auto", name: str = "weight",
+                           nonfinite: torch.Tensor | None = None) -> None:
+    """``W <- (1 - lr·wd)·W - lr·coef · row_scale_i · clamp(G_ij / loss_scale, ±clip_value) · col_scale_j``;
+    non-finite results keep the old element, counted into ``nonfinite`` (see ``linear_update_``)."""
     rule = UpdateRule.make(lr, weight_decay, coef, loss_scale, clip_value, rounding, seed, name)
     x2, dy2 = _checked(weight, x, grad_out, row_scale, col_scale, "row_scale", "col_scale", loss_scale,
                        clip_value, name)
@@ -185,10 +189,12 @@ def adalomo_linear_update_(weight: torch.Tensor, x: torch.Tensor, grad_out: torc
     if clip_value is None and (not _compiled(chosen) or _copies_are_small(x2, weight)):
         xs, dys = _scaled_activations(x2, dy2, row_scale, col_scale)
         linear_update_(weight, xs, dys, lr=lr, weight_decay=weight_decay, coef=coef, loss_scale=loss_scale,
-                       rounding=rounding, seed=seed, backend=backend, name=name)
+                       rounding=rounding, seed=seed, backend=backend, name=name, nonfinite=nonfinite)
     else:
-        run_op(_linear_update_op, _linear_update_impl, (weight,), weight, x2, dy2, row_scale, col_scale, rule.decay,
-               rule.step, rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed, chosen)
+        check_counter(nonfinite, weight, name)
+        run_op(_linear_update_op, _linear_update_impl, (weight,) + ((nonfinite,) if nonfinite is not None else ()),
+               weight, x2, dy2, row_scale, col_scale, rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value,
+               rule.stochastic, rule.seed, nonfinite, chosen)
 
 
 def embedding_row_gradients(weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor,

@@ -6,26 +6,29 @@ exactly as ``torch.optim.SGD`` on a dense embedding gradient would.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import backends
-from ._common import UpdateRule, check_activation, check_stats, check_weight, run_op
+from ._common import UpdateRule, check_activation, check_counter, check_stats, check_weight, run_op
 
 
 def _embedding_update_impl(weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor, padding_idx: int,
                            decay: float, step: float, inv_loss_scale: float, clip_value: float, stochastic: bool,
-                           seed: int, backend: str) -> None:
+                           seed: int, nonfinite: Optional[torch.Tensor], backend: str) -> None:
     rule = UpdateRule(decay, step, inv_loss_scale, clip_value, stochastic, seed)
-    backends.module(backend).embedding_update(weight, indices, grad_out, padding_idx, rule)
+    backends.module(backend).embedding_update(weight, indices, grad_out, padding_idx, rule, nonfinite)
 
 
-_embedding_update_op = torch.library.custom_op("lomo_kernels::embedding_update_", mutates_args=("weight",))(
-    _embedding_update_impl)
+_embedding_update_op = torch.library.custom_op("lomo_kernels::embedding_update_",
+                                               mutates_args=("weight", "nonfinite"))(_embedding_update_impl)
 
 
 @_embedding_update_op.register_fake
-def _(weight, indices, grad_out, padding_idx, decay, step, inv_loss_scale, clip_value, stochastic, seed, backend):
+def _(weight, indices, grad_out, padding_idx, decay, step, inv_loss_scale, clip_value, stochastic, seed, nonfinite,
+      backend):
     return None
 
 
@@ -69,13 +72,17 @@ def _flatten(weight, indices, grad_out, padding_idx, name):
 def embedding_update_(weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor, *, lr: float,
                       weight_decay: float = 0.0, coef: float = 1.0, loss_scale: float = 1.0,
                       clip_value: float | None = None, rounding: str = "nearest", seed: int = 0,
-                      padding_idx: int | None = None, backend: str = "auto", name: str = "weight") -> None:
-    """Update ``weight`` [V, D] in place from ``grad_out`` [*indices.shape, D] of ``weight[indices]``."""
+                      padding_idx: int | None = None, backend: str = "auto", name: str = "weight",
+                      nonfinite: torch.Tensor | None = None) -> None:
+    """Update ``weight`` [V, D] in place from ``grad_out`` [*indices.shape, D] of ``weight[indices]``; elements
+    whose new value is not finite keep their old value, counted into ``nonfinite`` (int64, shape (1,))."""
     rule = UpdateRule.make(lr, weight_decay, coef, loss_scale, clip_value, rounding, seed, name)
     idx, dy, pad = _flatten(weight, indices, grad_out, padding_idx, name)
+    check_counter(nonfinite, weight, name)
     chosen = backends.resolve(backend, weight.device)
-    run_op(_embedding_update_op, _embedding_update_impl, (weight,), weight, idx, dy, pad, rule.decay, rule.step,
-           rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed, chosen)
+    run_op(_embedding_update_op, _embedding_update_impl, (weight,) + ((nonfinite,) if nonfinite is not None else ()),
+           weight, idx, dy, pad, rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value, rule.stochastic,
+           rule.seed, nonfinite, chosen)
 
 
 def embedding_grad_sqnorm_(stats: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor,

@@ -7,24 +7,27 @@ buffer: the two phases of an exactly norm-clipped step. Neither allocates a tens
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import backends
-from ._common import UpdateRule, check_activation, check_stats, check_weight, run_op
+from ._common import UpdateRule, check_activation, check_counter, check_stats, check_weight, run_op
 
 
 def _linear_update_impl(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, decay: float, step: float,
-                      inv_loss_scale: float, clip_value: float, stochastic: bool, seed: int, backend: str) -> None:
+                      inv_loss_scale: float, clip_value: float, stochastic: bool, seed: int,
+                      nonfinite: Optional[torch.Tensor], backend: str) -> None:
     rule = UpdateRule(decay, step, inv_loss_scale, clip_value, stochastic, seed)
-    backends.module(backend).linear_update(weight, x, grad_out, rule)
+    backends.module(backend).linear_update(weight, x, grad_out, rule, nonfinite)
 
 
-_linear_update_op = torch.library.custom_op("lomo_kernels::linear_update_", mutates_args=("weight",))(
+_linear_update_op = torch.library.custom_op("lomo_kernels::linear_update_", mutates_args=("weight", "nonfinite"))(
     _linear_update_impl)
 
 
 @_linear_update_op.register_fake
-def _(weight, x, grad_out, decay, step, inv_loss_scale, clip_value, stochastic, seed, backend):
+def _(weight, x, grad_out, decay, step, inv_loss_scale, clip_value, stochastic, seed, nonfinite, backend):
     return None
 
 
@@ -80,18 +83,22 @@ def choose_norm_method(tokens: int, in_features: int, out_features: int) -> str:
 def linear_update_(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, *, lr: float,
                    weight_decay: float = 0.0, coef: float = 1.0, loss_scale: float = 1.0,
                    clip_value: float | None = None, rounding: str = "nearest", seed: int = 0,
-                   backend: str = "auto", name: str = "weight") -> None:
+                   backend: str = "auto", name: str = "weight", nonfinite: torch.Tensor | None = None) -> None:
     """Update ``weight`` [out, in] in place from ``x`` [..., in] and ``grad_out`` [..., out] of ``y = x Wᵀ``.
 
     ``rounding`` ("nearest" or "stochastic", with ``seed`` in [0, 2**32)) applies to bf16/fp16
     weights; fp32 weights are stored as computed. ``name`` labels error messages. Every check
-    runs before the weight is written.
+    runs before the weight is written. An element whose new value is not finite keeps its old value;
+    ``nonfinite`` (int64, shape (1,), on the weight's device) gets their count added (on the device).
+    Without it, fp32 plain-SGD calls take an unguarded one-GEMM shortcut (see ``_common``).
     """
     rule = UpdateRule.make(lr, weight_decay, coef, loss_scale, clip_value, rounding, seed, name)
     x2, dy2 = _flatten(weight, x, grad_out, name)
+    check_counter(nonfinite, weight, name)
     chosen = backends.resolve(backend, weight.device)
-    run_op(_linear_update_op, _linear_update_impl, (weight,), weight, x2, dy2, rule.decay, rule.step,
-           rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed, chosen)
+    run_op(_linear_update_op, _linear_update_impl, (weight,) + ((nonfinite,) if nonfinite is not None else ()),
+           weight, x2, dy2, rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed,
+           nonfinite, chosen)
 
 
 def linear_grad_sqnorm_(stats: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, *,
