@@ -151,6 +151,8 @@ class LomoTrainer(Trainer):
         if "loss" in logs and self.optimizer is not None:
             opt = self.fused_optimizer
             logs["skipped_steps"] = opt.skipped_steps
+            logs["partial_steps"] = getattr(opt, "partial_steps", 0)
+            logs["nonfinite_updates"] = getattr(opt, "nonfinite_updates", 0)
             if opt.checks_overflow:
                 logs["loss_scale"] = opt.loss_scale
         super().log(logs, *args, **kwargs)

@@ -54,6 +54,13 @@ from .base import FusedOptimizer
 STATISTICS = ("recompute", "materialize")
 
 
+def _ema_keeping_finite_(state: torch.Tensor, beta: float, new: torch.Tensor) -> torch.Tensor:
+    """``state <- beta*state + (1-beta)*new`` (the same operations as ``mul_(beta).add_(new, alpha=1-beta)``),
+    except that an entry whose result is not finite keeps its old value: a non-finite gradient (partial mode)
+    must not poison the second moment, or every later update of that row/column would be non-finite too."""
+    fresh = state.mul(beta).add_(new, alpha=1.0 - beta)
+    return state.copy_(torch.where(torch.isfinite(fresh), fresh, state))
+
 class AdaLomo(FusedOptimizer):
     """Same arguments and defaults as lomo-optim 0.1.1's ``AdaLomo``; ``statistics``, ``backend``,
     ``rounding``, ``seed``, ``no_decay`` and ``unfused`` (as for ``Lomo``) are ours. ``loss_scale`` is a fixed factor (``None``/0: none): the loss is
@@ -127,14 +134,14 @@ class AdaLomo(FusedOptimizer):
         """Fold this step's mean squares (without eps) into ``R``, ``C``; return the factors
         ``(rsqrt(R / mean(R)), rsqrt(C))`` that scale ``g``'s rows and columns."""
         beta = self.beta2t()
-        row = self.exp_avg_sq_row[name].mul_(beta).add_(row_sq_mean + self.eps[0], alpha=1.0 - beta)
-        col = self.exp_avg_sq_col[name].mul_(beta).add_(col_sq_mean + self.eps[0], alpha=1.0 - beta)
+        row = _ema_keeping_finite_(self.exp_avg_sq_row[name], beta, row_sq_mean + self.eps[0])
+        col = _ema_keeping_finite_(self.exp_avg_sq_col[name], beta, col_sq_mean + self.eps[0])
         return (row / row.mean()).rsqrt_(), col.rsqrt()
 
     def _apply_args(self, param: torch.Tensor, coef: float) -> dict:
         return dict(lr=self.scaled_lr(param), weight_decay=self.weight_decay_for(param), coef=coef,
                     rounding=self._rounding_for(param), seed=self._seed_for(param), backend=self.backend,
-                    name=self._name(param))
+                    name=self._name(param), nonfinite=self.nonfinite_counter(param))
 
     def clipped_gradient_(self, grad: torch.Tensor) -> torch.Tensor:
         """``c · clamp(grad / loss_scale, ±clip_grad_value)`` (lomo-optim's order), in place on an fp32 ``grad``."""
@@ -152,7 +159,7 @@ class AdaLomo(FusedOptimizer):
         name = self._name(param)
         if g.dim() == 1:
             beta = self.beta2t()
-            v = self.exp_avg_sq[name].mul_(beta).add_(g * g + self.eps[0], alpha=1.0 - beta)
+            v = _ema_keeping_finite_(self.exp_avg_sq[name], beta, g * g + self.eps[0])
             return g.mul_(v.rsqrt())
         # mean squares by norm reductions: no g²-sized temporary
         row_sq_mean = torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])

@@ -94,6 +94,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.last_grad_norm: float | None = None
         self.skipped_step = False
         self.skipped_steps = 0
+        # partial mode's per-element guard: elements kept because their update was not finite
+        self.last_nonfinite_updates = 0   # in the last applied step
+        self.nonfinite_updates = 0        # over all steps
+        self.partial_steps = 0            # steps with at least one such element
+        self._nonfinite_counters: dict[torch.device, torch.Tensor] = {}
         self.updater = self              # where held weights' gradients go (``reroute`` changes it)
         self.in_fused_backward = False
         self.closed = False
@@ -154,6 +159,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         if stats is None:
             stats = self._norm_stats[param.device] = torch.zeros(2, dtype=torch.float32, device=param.device)
         return stats
+
+    def nonfinite_counter(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The ``nonfinite=`` argument of this step's update ops: a per-device int64 counter when no norm
+        phase checked this step's gradient (partial mode), else None (nothing to count; fp32 keeps its
+        one-GEMM path). Read once, at the end of the step."""
+        if self._fresh_norm:
+            return None
+        counter = self._nonfinite_counters.get(param.device)
+        if counter is None:
+            counter = self._nonfinite_counters[param.device] = torch.zeros(1, dtype=torch.int64, device=param.device)
+        return counter
+
+    def _read_nonfinite_counters(self) -> None:
+        counters, self._nonfinite_counters = self._nonfinite_counters, {}
+        count = sum(int(c.item()) for c in counters.values())  # one sync per device, only in partial mode
+        self.last_nonfinite_updates = count
+        if count:
+            self.nonfinite_updates += count
+            self.partial_steps += 1
+            logger.warning("lomo_kernels: step %d applied partially: %d weight element(s) kept their value "
+                           "because their update was not finite", self.step_count, count)
 
     def weight_decay_for(self, param: torch.Tensor) -> float:
         """The rule's weight decay for ``param``: 0 for the names in ``no_decay``."""
@@ -303,6 +329,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 self._run_phase("apply", loss, retain_graph=False)
                 self.step_count += 1
+                self._read_nonfinite_counters()
                 self._on_step_applied()
         finally:
             self._fresh_norm = False

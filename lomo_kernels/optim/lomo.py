@@ -71,7 +71,7 @@ class Lomo(FusedOptimizer):
         return dict(lr=self.lr, weight_decay=self.weight_decay_for(param), coef=self.clip_coef,
                     loss_scale=self.loss_scale, clip_value=self.clip_grad_value,
                     rounding=self._rounding_for(param), seed=self._seed_for(param), backend=self.backend,
-                    name=self._name(param))
+                    name=self._name(param), nonfinite=self.nonfinite_counter(param))
 
     def linear_with_rows(self, param, x, dy, indices, rows) -> bool:
         """A tied fp32 weight's linear and embedding uses without the one-hot GEMM: the rows the embedding

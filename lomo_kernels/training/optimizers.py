@@ -24,6 +24,7 @@ DEFAULT_LR = {"lomo": 0.5, "sgd": 0.5, "lomo-optim": 0.5, "adalomo": 1e-2, "adam
 class StepInfo:
     grad_norm: float | None
     skipped: bool  # fp16 overflow: the whole step was dropped and the loss scale lowered
+    nonfinite_updates: int = 0  # weight elements kept (update not finite) in an applied, partial step
 
 
 def check_optimizer_options(args) -> None:
@@ -48,7 +49,9 @@ class FusedRunner:
         if self.needs_norm_pass:
             self.opt.grad_norm(loss)
         self.opt.fused_backward(loss, lr)
-        return StepInfo(getattr(self.opt, "last_grad_norm", None), bool(getattr(self.opt, "skipped_step", False)))
+        skipped = bool(getattr(self.opt, "skipped_step", False))
+        return StepInfo(getattr(self.opt, "last_grad_norm", None), skipped,
+                        0 if skipped else int(getattr(self.opt, "last_nonfinite_updates", 0)))
 
     def state_dict(self) -> dict:
         return self.opt.state_dict()

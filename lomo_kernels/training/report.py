@@ -20,6 +20,9 @@ def summarize(history: list[dict], out: Path, wall_s: float, device) -> dict:
         "tokens_per_s": sum(r["tokens_per_s"] for r in last) / len(last) if last else None,
         "peak_memory_mb": max((r["peak_memory_mb"] for r in train), default=None),
         "skipped_steps": sum(r["skipped"] for r in train),
+        # records written before the guard existed have no such field
+        "partial_steps": sum(1 for r in train if r.get("nonfinite_updates", 0)),
+        "nonfinite_updates": sum(r.get("nonfinite_updates", 0) for r in train),
         "wall_s_this_invocation": wall_s,
     }
     ratio = (numbers["final_loss"] / numbers["first_loss"]) if train and numbers["first_loss"] else math.nan
@@ -33,6 +36,8 @@ def summarize(history: list[dict], out: Path, wall_s: float, device) -> dict:
         ("tokens/s (last steps)", _fmt(numbers["tokens_per_s"], 0)),
         (memory_kind, f"{_fmt(numbers['peak_memory_mb'], 0)} MiB"),
         ("skipped steps (fp16 overflow)", f"{numbers['skipped_steps']}"),
+        ("partial steps (non-finite updates kept)",
+         f"{numbers['partial_steps']} ({numbers['nonfinite_updates']} weight elements)"),
         ("wall time (this invocation)", f"{wall_s:.1f} s"),
     ]
     width = max(len(name) for name, _ in rows)

@@ -356,7 +356,8 @@ def train_loop(run: Run) -> None:
             seconds = time.perf_counter() - t0
             memory = peak_memory_mb(device)
             record({"type": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": info.grad_norm,
-                    "skipped": info.skipped, "tokens_per_s": tokens_per_step / seconds,
+                    "skipped": info.skipped, "nonfinite_updates": info.nonfinite_updates,
+                    "tokens_per_s": tokens_per_step / seconds,
                     "peak_memory_mb": memory, "elapsed_s": time.perf_counter() - started})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}", mem=f"{memory:.0f}MB")
