@@ -136,7 +136,7 @@ class OptimizerHead:
             self._state = None
             return ()
         if self._kind() == "lomo":
-            self._state = LomoHead(**opt._rule(weight))
+            self._state = LomoHead(**_without_counter(opt._rule(weight)))
             return ("apply",)
         name = opt._name(weight)
         out_f, in_f = weight.shape
@@ -173,7 +173,7 @@ class OptimizerHead:
                 st["name"], st["row"].mul_(coef_sq / in_f), st["col"].mul_(coef_sq / out_f))
         elif pass_name == "scaled_norm":
             coef = opt.clip_coef * opt.normalizer(coef_sq * st["stats"][0].item(), weight.numel())
-            st["args"] = opt._apply_args(weight, coef)  # lr·RMS(W) of the old W, one seed for the step
+            st["args"] = _without_counter(opt._apply_args(weight, coef))  # lr·RMS(W) of the old W, one seed for the step
         else:
             self._state = None
 
@@ -296,3 +296,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     denom = lce.normalizer(labels1, cfg, num_items_in_batch)
     return FusedLinearCrossEntropy.apply(hidden2, weight, bias, labels1, denom, updater, cfg)
 
+
+def _without_counter(rule: dict) -> dict:
+    """The optimizer's rule arguments less its non-finite counter: the chunked head update is guarded
+    (``_common.apply_rule_``) but does not count yet."""
+    return {k: v for k, v in rule.items() if k != "nonfinite"}
