@@ -132,11 +132,11 @@ def _scaled_sqnorm_kernel(x_ptr, dy_ptr, row_scale_ptr, col_scale_ptr, stats_par
 
 
 @triton.jit(do_not_specialize=["seed_mix"])
-def _update_kernel(w_ptr, x_ptr, dy_ptr, row_scale_ptr, col_scale_ptr, tokens, out_features, in_features,
+def _update_kernel(w_ptr, x_ptr, dy_ptr, row_scale_ptr, col_scale_ptr, count_ptr, tokens, out_features, in_features,
                    stride_w_out, stride_w_in, stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
                    decay, step, inv_loss_scale, clip_value, no_clip, seed_mix,
-                   STOCHASTIC: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_T: tl.constexpr):
+                   STOCHASTIC: tl.constexpr, COUNT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_T: tl.constexpr):
     """W's tile updated from ``v = (u · r) · c`` by ``triton_update._finish_tile`` (loss scale 1, no clip:
     both were applied to ``u``), exactly as the reference's ``apply_rule_`` on ``v``."""
     m0, n0, r, c, row_ok, col_ok = _tile_coords(out_features, in_features, BLOCK_OUT, BLOCK_IN)
@@ -153,7 +153,7 @@ def _update_kernel(w_ptr, x_ptr, dy_ptr, row_scale_ptr, col_scale_ptr, tokens, o
     flat_index = flat_base + (r[:, None].to(tl.uint32) * in_u32 + c[None, :].to(tl.uint32))
     _finish_tile(v, w_tile + (r[:, None] * stride_w_out + c[None, :] * stride_w_in),
                  flat_index, row_ok[:, None] & col_ok[None, :], w_ptr,
-                 decay, step, 1.0, no_clip, seed_mix, False, STOCHASTIC)
+                 decay, step, 1.0, no_clip, seed_mix, False, STOCHASTIC, count_ptr, COUNT)
 
 
 @triton.jit
@@ -239,8 +239,10 @@ def adalomo_scaled_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor
 
 
 def adalomo_linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
-                          col_scale: torch.Tensor, rule: UpdateRule) -> None:
-    """``W <- rule.decay·W - rule.step · (clamp(G·inv_loss_scale, ±clip_value) · r_i) · c_j``, rounded by the rule."""
+                          col_scale: torch.Tensor, rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
+    """``W <- rule.decay·W - rule.step · (clamp(G·inv_loss_scale, ±clip_value) · r_i) · c_j``, rounded by the rule;
+    an element whose new value is not finite keeps its old bits (``_finish_tile``'s guard), counted into
+    ``nonfinite`` (int64, shape (1,)) when given (one integer atomic per program: deterministic)."""
     _check_device(x)
     tokens, in_features = x.shape
     out_features = dy.shape[1]
@@ -248,7 +250,8 @@ def adalomo_linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, ro
         return
     grid, kw = _gemm_launch(x, out_features)
     decay, step, inv_loss_scale, clip_value, seed_mix = _rule_args(rule)
-    _update_kernel[grid](w, x, dy, row_scale, col_scale, tokens, out_features, in_features,
+    _update_kernel[grid](w, x, dy, row_scale, col_scale, w if nonfinite is None else nonfinite, tokens, out_features, in_features,
                          w.stride(0), w.stride(1), *_strides(x, dy),
                          decay, step, inv_loss_scale, clip_value, math.inf, seed_mix,
-                         STOCHASTIC=rule.stochastic and w.dtype != torch.float32, **kw, **_NO_FMA)
+                         STOCHASTIC=rule.stochastic and w.dtype != torch.float32, COUNT=nonfinite is not None,
+                         **kw, **_NO_FMA)

@@ -37,7 +37,15 @@ from .linear_update import linear_grad_sqnorm_, linear_update_
 
 
 def _compiled(backend: str) -> bool:
-    return backend == "cpu"
+    return backend in ("cpu", "triton")
+
+
+def _kernels(backend: str):
+    """The module with the compiled passes: the cpu backend's, or the Triton kernels' own module."""
+    if backend == "triton":
+        from ..kernels import triton_adalomo
+        return triton_adalomo
+    return backends.module(backend)
 
 
 def _sq_sums_impl(row_sums: torch.Tensor, col_sums: torch.Tensor, stats: torch.Tensor, x: torch.Tensor,
@@ -52,7 +60,7 @@ def _sq_sums_impl(row_sums: torch.Tensor, col_sums: torch.Tensor, stats: torch.T
         stats[0] += total
         stats[1] += (~torch.isfinite(total)).to(torch.float32)
     elif _compiled(backend):
-        backends.module(backend).adalomo_sq_sums(row_sums, col_sums, stats, x, grad_out, inv_loss_scale, clip_value)
+        _kernels(backend).adalomo_sq_sums(row_sums, col_sums, stats, x, grad_out, inv_loss_scale, clip_value)
     else:
         reference.adalomo_sq_sums(row_sums, col_sums, x, grad_out, inv_loss_scale, clip_value, stats)
 
@@ -69,8 +77,8 @@ def _(row_sums, col_sums, stats, x, grad_out, inv_loss_scale, clip_value, method
 def _scaled_sqnorm_impl(stats: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, row_scale: torch.Tensor,
                         col_scale: torch.Tensor, inv_loss_scale: float, clip_value: float, backend: str) -> None:
     if _compiled(backend):
-        backends.module(backend).adalomo_scaled_sqnorm(stats, x, grad_out, row_scale, col_scale, inv_loss_scale,
-                                                       clip_value)
+        _kernels(backend).adalomo_scaled_sqnorm(stats, x, grad_out, row_scale, col_scale, inv_loss_scale,
+                                                clip_value)
     else:
         reference.adalomo_scaled_sqnorm(stats, x, grad_out, row_scale, col_scale, inv_loss_scale, clip_value)
 
@@ -89,7 +97,7 @@ def _linear_update_impl(weight: torch.Tensor, x: torch.Tensor, grad_out: torch.T
                         stochastic: bool, seed: int, nonfinite: Optional[torch.Tensor], backend: str) -> None:
     rule = UpdateRule(decay, step, inv_loss_scale, clip_value, stochastic, seed)
     if _compiled(backend):
-        backends.module(backend).adalomo_linear_update(weight, x, grad_out, row_scale, col_scale, rule, nonfinite)
+        _kernels(backend).adalomo_linear_update(weight, x, grad_out, row_scale, col_scale, rule, nonfinite)
     else:
         reference.adalomo_linear_update(weight, x, grad_out, row_scale, col_scale, rule, nonfinite)
 
