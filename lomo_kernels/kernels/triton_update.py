@@ -148,7 +148,7 @@ def _finish_tile(g, w_ptrs, flat_index, mask, stats_ptr, decay, step, inv_loss_s
         else:
             out = _round_nearest(new, w_ptrs.dtype.element_ty)
         ok = _is_finite(_widen(out))
-        tl.store(w_ptrs, tl.where(ok, out, w), mask=mask)
+        tl.store(w_ptrs, out, mask=mask & ok)  # a masked-off element keeps its old bits in memory
         if COUNT:
             tl.atomic_add(count_ptr, tl.sum(tl.where(mask & ~ok, 1, 0).to(tl.int64)))
 
