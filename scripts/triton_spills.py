@@ -56,6 +56,12 @@ def variants() -> list[dict]:
         for all_rows in (False, True):
             for stochastic in ((False, True) if w != "fp32" else (False,)):
                 out.append(dict(kernel="embedding", w=w, act="fp32", all_rows=all_rows, stochastic=stochastic))
+    for a in DTYPES:  # AdaLomo's passes (kernels/triton_adalomo.py): sums + their reductions, scaled norm
+        out.append(dict(kernel="adalomo", w="fp32", act=a, mode="sums", stochastic=False))
+        out.append(dict(kernel="adalomo", w="fp32", act=a, mode="scaled", stochastic=False))
+    for w in DTYPES:  # and the update, on the weight's own dtype as operands, with the non-finite counter
+        for stochastic in ((False, True) if w != "fp32" else (False,)):
+            out.append(dict(kernel="adalomo", w=w, act=w, mode="update", stochastic=stochastic))
     return out
 
 
@@ -66,6 +72,10 @@ def variant_name(v: dict) -> str:
         return f"linear w={v['w']} act={v['act']} {mode}{shape}"
     if v["kernel"] == "dense":
         return f"dense p={v['w']} g={v['act']} {mode}"
+    if v["kernel"] == "adalomo":
+        if v["mode"] != "update":
+            return f"adalomo {v['mode']} act={v['act']}"
+        return f"adalomo update w={v['w']} act={v['act']} {mode}"
     rows = "all_rows" if v["all_rows"] else "touched"
     return f"embedding w={v['w']} {rows} {mode}"
 
@@ -75,11 +85,13 @@ def _launches(v: dict) -> list[tuple]:
     backend's own code on CPU tensors (nothing runs)."""
     import torch
 
+    from lomo_kernels.kernels import triton_adalomo as ta
     from lomo_kernels.kernels import triton_update as tu
     from lomo_kernels.ops._common import UpdateRule
 
     captured = []
-    kernels = (tu._linear_kernel, tu._dense_kernel, tu._embedding_rows_kernel)
+    kernels = (tu._linear_kernel, tu._dense_kernel, tu._embedding_rows_kernel,
+               ta._sq_sums_kernel, ta._scaled_sqnorm_kernel, ta._update_kernel, ta._reduce_kernel)
 
     def capture(kernel):
         def run(*args, grid, warmup, **kwargs):
@@ -88,10 +100,10 @@ def _launches(v: dict) -> list[tuple]:
 
     dt = {k: getattr(torch, name) for k, name in DTYPES.items()}
     rule = UpdateRule(decay=0.999, step=1e-3, inv_loss_scale=1.0, clip_value=1.0, stochastic=v["stochastic"], seed=5)
-    saved_check = tu._check_device
+    saved_check, saved_ta_check = tu._check_device, ta._check_device
     for k in kernels:
         k.run = capture(k)
-    tu._check_device = lambda t: None
+    tu._check_device = ta._check_device = lambda t: None
     try:
         if v["kernel"] == "linear":
             out_f, in_f, tokens = v.get("shape", (4096, 4096, 2048))
@@ -101,6 +113,18 @@ def _launches(v: dict) -> list[tuple]:
                 tu.linear_grad_sqnorm(torch.zeros(2), x, dy, 1.0)
             else:
                 tu.linear_update(torch.empty(out_f, in_f, dtype=dt[v["w"]]), x, dy, rule)
+        elif v["kernel"] == "adalomo":
+            out_f, in_f, tokens = 4096, 4096, 2048
+            x = torch.empty(tokens, in_f, dtype=dt[v["act"]])
+            dy = torch.empty(tokens, out_f, dtype=dt[v["act"]])
+            r, c = torch.empty(out_f), torch.empty(in_f)
+            if v["mode"] == "sums":
+                ta.adalomo_sq_sums(torch.zeros(out_f), torch.zeros(in_f), torch.zeros(2), x, dy, 1.0, 1.0)
+            elif v["mode"] == "scaled":
+                ta.adalomo_scaled_sqnorm(torch.zeros(2), x, dy, r, c, 1.0, 1.0)
+            else:
+                ta.adalomo_linear_update(torch.empty(out_f, in_f, dtype=dt[v["w"]]), x, dy, r, c, rule,
+                                         torch.zeros(1, dtype=torch.int64))
         elif v["kernel"] == "dense":
             g = torch.empty(1 << 20, dtype=dt[v["act"]])
             if v["norm_only"]:
@@ -117,7 +141,7 @@ def _launches(v: dict) -> list[tuple]:
     finally:
         for k in kernels:
             del k.run
-        tu._check_device = saved_check
+        tu._check_device, ta._check_device = saved_check, saved_ta_check
     assert captured, f"no launch captured for {variant_name(v)}"
     return captured
 
@@ -179,7 +203,7 @@ def report(archs=ARCHS, kernels=None) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
-    parser.add_argument("--kernel", nargs="+", choices=("linear", "dense", "embedding"))
+    parser.add_argument("--kernel", nargs="+", choices=("linear", "dense", "embedding", "adalomo"))
     parser.add_argument("--json", help="write the rows here as JSON")
     args = parser.parse_args(argv)
     rows = report(args.arch, args.kernel)

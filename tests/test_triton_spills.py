@@ -5,7 +5,8 @@ intercepted, specializes each captured launch exactly as ``JITFunction.run`` wou
 constexpr, multiples of 16, pointer alignment), compiles it with ``triton.compile`` for a named
 ``GPUTarget`` and reads registers, stack frame and spill bytes per thread from ``ptxas -v`` (Triton's own
 ptxas and flags). Variants: linear update for every weight x activation dtype and rounding, also at odd
-shapes and in_features == 1; linear norm-only; dense; embedding touched / all rows. It runs in a
+shapes and in_features == 1; linear norm-only; dense; embedding touched / all rows; AdaLomo's passes
+(sums with their reductions, scaled norm, update for every weight dtype and rounding). It runs in a
 subprocess without ``TRITON_INTERPRET``, which the test session sets. 40-60 s on a 2-core machine.
 
 Before the epilogue rewrite (same script, real specialization) fp16 stochastic spilled 1328 B/thread on
