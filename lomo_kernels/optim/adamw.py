@@ -23,7 +23,7 @@ from ..ops import adamw_update as adamw_ops
 from ..ops.adamw_update import AdamRule
 from . import _checks
 from .base import FusedOptimizer
-from .loss_scaler import DynamicLossScaler
+from .loss_scaler import DynamicLossScaler, LossScaledMixin
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -33,34 +33,6 @@ def check_betas(betas) -> tuple[float, float]:
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
     return (_checks.number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True),
             _checks.number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True))
-
-
-class LossScaledMixin:
-    """fp16 dynamic loss scaling exactly as ``Lomo`` has it (a scaler only when a parameter is fp16)."""
-
-    loss_scaler: DynamicLossScaler | None = None
-
-    @property
-    def loss_scale(self) -> float:
-        return self.loss_scaler.loss_scale if self.loss_scaler is not None else 1.0
-
-    def _on_overflow(self) -> None:
-        if self.loss_scaler is not None:
-            self.loss_scaler.update_scale(overflow=True)
-
-    def _on_step_applied(self) -> None:
-        if self.loss_scaler is not None:
-            self.loss_scaler.update_scale(overflow=False)
-
-    def _scaler_state(self):
-        return self.loss_scaler.state_dict() if self.loss_scaler is not None else None
-
-    def _load_scaler_state(self, state) -> None:
-        if (state is None) != (self.loss_scaler is None):
-            raise ValueError("checkpoint and optimizer disagree on fp16 loss scaling (one has a loss scaler, "
-                             "the other not): were the weights saved in another dtype?")
-        if state is not None:
-            self.loss_scaler.load_state_dict(state)
 
 
 def load_named_tensors(kind: str, mine: dict, state: dict) -> None:

@@ -7,10 +7,10 @@ from torch import nn
 from .. import ops
 from . import _checks
 from .base import FusedOptimizer
-from .loss_scaler import DynamicLossScaler
+from .loss_scaler import DynamicLossScaler, LossScaledMixin
 
 
-class Lomo(FusedOptimizer):
+class Lomo(LossScaledMixin, FusedOptimizer):
     """LOMO (Lv et al. 2023): ``W <- (1 - lr·wd)·W - lr·c·clamp(g / loss_scale, ±clip_grad_value)``.
 
     Same arguments and defaults as lomo-optim 0.1.1; ``backend``, ``rounding`` (None: stochastic for
@@ -44,28 +44,6 @@ class Lomo(FusedOptimizer):
                          rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused,
                          on_nonfinite=on_nonfinite)
         self.loss_scaler = DynamicLossScaler(**self.loss_scale_args) if self.checks_overflow else None
-
-    @property
-    def loss_scale(self) -> float:
-        return self.loss_scaler.loss_scale if self.loss_scaler is not None else 1.0
-
-    def _on_overflow(self) -> None:
-        if self.loss_scaler is not None:
-            self.loss_scaler.update_scale(overflow=True)
-
-    def _on_step_applied(self) -> None:
-        if self.loss_scaler is not None:
-            self.loss_scaler.update_scale(overflow=False)
-
-    def _scaler_state(self):
-        return self.loss_scaler.state_dict() if self.loss_scaler is not None else None
-
-    def _load_scaler_state(self, state) -> None:
-        if (state is None) != (self.loss_scaler is None):
-            raise ValueError("checkpoint and optimizer disagree on fp16 loss scaling (one has a loss scaler, "
-                             "the other not): were the weights saved in another dtype?")
-        if state is not None:
-            self.loss_scaler.load_state_dict(state)
 
     def _rule(self, param: torch.Tensor) -> dict:
         return dict(lr=self.lr, weight_decay=self.weight_decay_for(param), coef=self.clip_coef,

@@ -91,3 +91,32 @@ class DynamicLossScaler:
             raise KeyError(f"loss scaler state is missing {missing}")
         for key in self._STATE:
             setattr(self, key, state[key])
+
+
+class LossScaledMixin:
+    """fp16 dynamic loss scaling for a fused optimizer (``Lomo``, ``AdamW``): the subclass sets
+    ``loss_scaler`` to a ``DynamicLossScaler`` when a parameter is fp16, else leaves it None."""
+
+    loss_scaler: DynamicLossScaler | None = None
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.loss_scale if self.loss_scaler is not None else 1.0
+
+    def _on_overflow(self) -> None:
+        if self.loss_scaler is not None:
+            self.loss_scaler.update_scale(overflow=True)
+
+    def _on_step_applied(self) -> None:
+        if self.loss_scaler is not None:
+            self.loss_scaler.update_scale(overflow=False)
+
+    def _scaler_state(self):
+        return self.loss_scaler.state_dict() if self.loss_scaler is not None else None
+
+    def _load_scaler_state(self, state) -> None:
+        if (state is None) != (self.loss_scaler is None):
+            raise ValueError("checkpoint and optimizer disagree on fp16 loss scaling (one has a loss scaler, "
+                             "the other not): were the weights saved in another dtype?")
+        if state is not None:
+            self.loss_scaler.load_state_dict(state)
