@@ -308,6 +308,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure at N and 2N layers and extrapolate to the model's depth (faster; warns "
                              "with the error measured at 3N layers; default: run the full depth)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    from .recommend import add_recommend_arguments
+    add_recommend_arguments(parser)
 
 
 def format_table(results: list[PlanResult]) -> str:
@@ -320,6 +322,9 @@ def format_table(results: list[PlanResult]) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     """The ``plan`` command: a table (or JSON) on stdout, warnings on stderr; returns the exit status."""
+    if getattr(args, "recommend", False):
+        from .recommend import run_recommend
+        return run_recommend(args)
     skipped = []
     if args.method == "all":
         methods = METHODS
