@@ -9,6 +9,11 @@ Each method runs in its own process (peak RSS is per process): the ``small`` pre
 ``--max-data-tokens``), batch 16, warmup then cosine, the same ``BatchOrder``. Lomo/AdaLomo use the
 CLI's defaults (value clipping 0.05); the AdamW family uses global-norm clipping at 1.0 (APOLLO cannot
 value-clip without a gradient); apollo-torch gets torch's ``clip_grad_norm_`` before its step.
+The HiFT rows wrap fused AdamW (norm clip 1.0 over the active group) and Lomo (value clip 0.05), one
+decoder layer per group (6 groups: embedding, 4 layers, head), down2up, the learning rate held for
+each cycle of groups (the schedule's value at the cycle's first step, HiFT's per-cycle rule).
+``--merge`` runs only ``--methods`` and replaces their rows in the existing results (the others kept,
+and the Markdown says which rows were rerun).
 Writes bench/results/convergence.{md,csv,json,png}.
 """
 from __future__ import annotations
@@ -36,6 +41,8 @@ METHODS = {  # name: (lr, description)
     "apollo": (1e-3, "lomo_kernels.Apollo rank 32, channel"),
     "apollo-mini": (1e-3, "lomo_kernels.ApolloMini (rank 1, tensor, scale 128)"),
     "apollo-torch": (1e-3, "apollo-torch APOLLOAdamW rank 32, channel"),
+    "hift-adamw": (1e-3, "HiFT (1 layer per group, down2up) over lomo_kernels.AdamW"),
+    "hift-lomo": (0.5, "HiFT (1 layer per group, down2up) over Lomo"),
 }
 RANK = 32
 
@@ -50,6 +57,14 @@ def lr_at(step: int, steps: int, lr: float) -> float:
 def make_step(method: str, model):
     import lomo_kernels as lk
     from lomo_kernels.optim.apollo import _default_projected
+    if method.startswith("hift-"):
+        # HiFT's rule: one group per step; the lr is held for a cycle (the schedule's value at its first step)
+        inner = (lk.AdamW(model, lr=1e-3, clip_grad_norm=1.0) if method == "hift-adamw" else
+                 lk.Lomo(model, lr=METHODS[method][0], clip_grad_value=0.05))
+        opt = lk.HiFT(inner, group_size=1, strategy="down2up")
+        step = lambda loss, lr: opt.fused_backward(loss, lr)  # noqa: E731
+        step.cycle_length = opt.num_groups
+        return step
     if method in ("lomo", "adalomo"):
         cls = lk.Lomo if method == "lomo" else lk.AdaLomo
         opt = cls(model, lr=METHODS[method][0], clip_grad_value=0.05)
@@ -102,7 +117,8 @@ def run_one(method: str, steps: int, max_tokens: int) -> dict:
         t0 = time.perf_counter()
         loss = model(input_ids=train.tokens[idx], labels=train.labels[idx]).loss
         losses.append(float(loss))
-        step(loss, lr_at(s, steps, lr0))
+        cycle = getattr(step, "cycle_length", 1)
+        step(loss, lr_at(s - s % cycle, steps, lr0))
         times.append(time.perf_counter() - t0)
     held_loss = evaluate(model, held, 16, torch.device("cpu"))
     return {"method": method, "description": METHODS[method][1], "steps": steps, "first_loss": losses[0],
@@ -164,6 +180,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-data-tokens", type=int, default=1 << 21)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the existing rows of --out's convergence.json, replacing those of --methods")
     ap.add_argument("--speed", action="store_true", help="only the step-time comparison (issue 11, item 7)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -184,6 +202,17 @@ def main(argv=None) -> None:
               f"step {r['median_step_ms']:.0f} ms peak {r['peak_rss_mib']:.0f} MiB", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    note = ""
+    if args.merge:
+        fresh = {r["method"]: r for r in rows}
+        old = json.loads((out / "convergence.json").read_text())
+        if any(r["steps"] != args.steps for r in old):
+            raise SystemExit(f"--merge: the existing rows are not {args.steps}-step runs")
+        rows = [fresh.pop(r["method"], r) for r in old] + list(fresh.values())
+        note = (f"\n\nRows rerun by `--merge` on {time.strftime('%Y-%m-%d')}: "
+                f"{', '.join(r['description'] for r in rows if r['method'] in args.methods.split(','))}; the other "
+                "rows are the earlier run's (same code path, steps and batches; step times from another moment "
+                "of this shared machine, so compare them loosely).")
     (out / "convergence.json").write_text(json.dumps(rows, indent=1))
     keys = ["method", "description", "steps", "first_loss", "final_train_loss", "held_out_loss", "held_out_ppl",
             "median_step_ms", "peak_rss_mib"]
@@ -198,7 +227,7 @@ def main(argv=None) -> None:
                      f"{r['final_train_loss']:.3f} | {r['median_step_ms']:.0f} | {r['peak_rss_mib']:.0f} |")
     (out / "convergence.md").write_text(
         f"Convergence, `small` preset, {rows[0]['steps']} steps x 16 x 128 tokens, fp32, CPU "
-        f"(python -m bench.bench_convergence --steps {rows[0]['steps']})\n\n" + "\n".join(lines) + "\n")
+        f"(python -m bench.bench_convergence --steps {rows[0]['steps']})\n\n" + "\n".join(lines) + note + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
