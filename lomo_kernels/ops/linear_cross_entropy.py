@@ -96,8 +96,10 @@ def _chunk_logits(h32: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def _forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                  ignore_index: int, label_smoothing: float, softcap: float, chunk_size: int
+                  ignore_index: int, label_smoothing: float, softcap: float, chunk_size: int, backend: str = "torch"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":  # one kernel over the whole vocabulary (no chunk tensors): chunk_size unused
+        return _triton().forward(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap)
     tokens, vocab = hidden.shape[0], weight.shape[0]
     h32 = hidden.to(torch.float32)
     valid = labels != ignore_index
@@ -129,13 +131,15 @@ _forward_op = torch.library.custom_op("lomo_kernels::linear_cross_entropy_forwar
 
 
 @_forward_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, chunk_size):
+def _(hidden, weight, bias, labels, ignore_index, label_smoothing, softcap, chunk_size, backend="torch"):
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty((hidden.shape[0],), dtype=torch.float32))
 
 
 def _dlogits_impl(hidden32: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                   lse: torch.Tensor, token_coef: torch.Tensor, v0: int, v1: int, label_smoothing: float,
-                  softcap: float) -> torch.Tensor:
+                  softcap: float, backend: str = "torch") -> torch.Tensor:
+    if backend == "triton":
+        return _triton().dlogits(hidden32, weight, bias, labels, lse, token_coef, v0, v1, label_smoothing, softcap)
     vocab = weight.shape[0]
     z, t = _chunk_logits(hidden32, weight, bias, v0, v1, softcap)
     p = z.sub_(lse[:, None]).exp_()                      # softmax of the chunk's columns (z is consumed)
@@ -155,14 +159,40 @@ _dlogits_op = torch.library.custom_op("lomo_kernels::linear_cross_entropy_dlogit
 
 
 @_dlogits_op.register_fake
-def _(hidden32, weight, bias, labels, lse, token_coef, v0, v1, label_smoothing, softcap):
+def _(hidden32, weight, bias, labels, lse, token_coef, v0, v1, label_smoothing, softcap, backend="torch"):
     return hidden32.new_empty((hidden32.shape[0], v1 - v0), dtype=torch.float32)
+
+
+def _grad_hidden_impl(grad_h: torch.Tensor, dr: torch.Tensor, weight: torch.Tensor, v0: int, backend: str) -> None:
+    """``grad_h += dr · W[v0 : v0 + dr.shape[1]]`` (fp32): one chunk's term of ``dH``, with the old rows."""
+    if backend == "triton":
+        _triton().grad_hidden_add_(grad_h, dr, weight, v0)
+        return
+    w = weight[v0:v0 + dr.shape[1]]
+    grad_h.addmm_(dr, w if w.dtype == torch.float32 else w.to(torch.float32))
+
+
+_grad_hidden_op = torch.library.custom_op("lomo_kernels::linear_cross_entropy_grad_hidden_",
+                                          mutates_args=("grad_h",))(_grad_hidden_impl)
+
+
+@_grad_hidden_op.register_fake
+def _(grad_h, dr, weight, v0, backend):
+    return None
+
+
+def _triton():
+    from ..kernels import triton_linear_cross_entropy
+    return triton_linear_cross_entropy
 
 
 def _rows_update_impl(weight: torch.Tensor, row0: int, x: torch.Tensor, grad_out: torch.Tensor,
                       row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, decay: float, step: float,
                       inv_loss_scale: float, clip_value: float, stochastic: bool, seed: int, backend: str) -> None:
     rule = UpdateRule(decay, step, inv_loss_scale, clip_value, stochastic, seed)
+    if backend == "triton":  # every case in one kernel: flat offsets and AdaLomo's scales in its epilogue
+        _triton().rows_update(weight, row0, x, grad_out, row_scale, col_scale, rule)
+        return
     rows = weight[row0:row0 + grad_out.shape[1]]
     if row_scale is None and (not stochastic or weight.dtype == torch.float32):
         # flat offsets matter only to stochastic rounding: any backend's kernel on the row view is the rule
@@ -229,10 +259,13 @@ class LossConfig:
     label_smoothing: float = 0.0
     softcap: float = 0.0
     chunk_size: int = 0
+    backend: str = "torch"  # resolved (never "auto"): "triton" runs the kernels of triton_linear_cross_entropy;
+    # every other backend runs the torch reference math here (its row updates go to that backend's kernels)
 
     @staticmethod
     def make(ignore_index=-100, label_smoothing=0.0, softcap=None, chunk_size=None, *, tokens: int, vocab: int,
-             hidden: int, weight_dtype: torch.dtype, memory_budget=None, device="cpu") -> "LossConfig":
+             hidden: int, weight_dtype: torch.dtype, memory_budget=None, device="cpu",
+             backend: str = "auto") -> "LossConfig":
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
@@ -244,7 +277,7 @@ class LossConfig:
         elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         return LossConfig(int(ignore_index), float(label_smoothing), float(softcap or 0.0),
-                          int(min(chunk_size, max(vocab, 1))))
+                          int(min(chunk_size, max(vocab, 1))), backends.resolve(backend, torch.device(device)))
 
 
 def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
@@ -282,18 +315,24 @@ def forward(hidden2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ ℓ_i, lse)`` through the custom op (inputs already checked)."""
     return _forward_op(hidden2, weight, bias, labels1, cfg.ignore_index, cfg.label_smoothing, cfg.softcap,
-                       cfg.chunk_size)
+                       cfg.chunk_size, cfg.backend)
 
 
 def dlogits(hidden32: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels1: torch.Tensor,
             lse: torch.Tensor, token_coef: torch.Tensor, v0: int, v1: int, cfg: LossConfig) -> torch.Tensor:
-    """One chunk's fp32 gradient of the loss with respect to the raw logits ``[T, v1−v0]``."""
+    """One chunk's fp32 gradient of the loss with respect to the raw logits ``[T, v1−v0]`` (``hidden32``: the
+    fp32 ``H``; on the triton backend ``H`` in its own dtype, read by the kernel)."""
     safe = torch.where(labels1 == cfg.ignore_index, -1, labels1)  # ignored tokens pick no column
-    tensors = (hidden32, weight, bias, safe, lse, token_coef)
-    if (_get_mode() is None and not torch.compiler.is_compiling()
-            and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)):
-        return _dlogits_impl(hidden32, weight, bias, safe, lse, token_coef, v0, v1, cfg.label_smoothing, cfg.softcap)
-    return _dlogits_op(hidden32, weight, bias, safe, lse, token_coef, v0, v1, cfg.label_smoothing, cfg.softcap)
+    args = (hidden32, weight, bias, safe, lse, token_coef, v0, v1, cfg.label_smoothing, cfg.softcap, cfg.backend)
+    if _plain(args[:6]):
+        return _dlogits_impl(*args)
+    return _dlogits_op(*args)
+
+
+def _plain(tensors) -> bool:
+    """Real tensors and no dispatch mode: call an op's implementation directly (no custom-op overhead)."""
+    return (_get_mode() is None and not torch.compiler.is_compiling()
+            and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
 
 
 def _get_mode():
@@ -329,6 +368,9 @@ def chunk_loop(hidden2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     tokens, vocab = hidden2.shape[0], weight.shape[0]
     h32 = hidden2.to(torch.float32)
+    # the triton kernels read H in its own dtype (16-bit tensor-core operands, exact products); the updater
+    # still gets the fp32 copy (the protocol's x)
+    h_logits = hidden2 if cfg.backend == "triton" else h32
     grad_h = torch.zeros(tokens, weight.shape[1], dtype=torch.float32, device=hidden2.device) \
         if need_grad_hidden else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=hidden2.device) \
@@ -337,11 +379,13 @@ def chunk_loop(hidden2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     for k, name in enumerate(passes):
         for v0 in range(0, vocab, cfg.chunk_size):
             v1 = min(v0 + cfg.chunk_size, vocab)
-            dr = dlogits(h32, weight, bias, labels1, lse, token_coef, v0, v1, cfg)
+            dr = dlogits(h_logits, weight, bias, labels1, lse, token_coef, v0, v1, cfg)
             if k == 0:
                 if grad_h is not None:
-                    w = weight[v0:v1]
-                    grad_h.addmm_(dr, w if w.dtype == torch.float32 else w.to(torch.float32))
+                    if cfg.backend == "triton" and not _plain((grad_h, dr, weight)):
+                        _grad_hidden_op(grad_h, dr, weight, v0, cfg.backend)  # fake tensors, tracing modes
+                    else:  # plain torch ops otherwise, which modes (the allocation trackers) see one by one
+                        _grad_hidden_impl(grad_h, dr, weight, v0, cfg.backend)
                 if grad_b is not None:
                     grad_b[v0:v1] = dr.sum(dim=0)
             if name is not None:
@@ -379,7 +423,7 @@ def linear_cross_entropy_update_(hidden: torch.Tensor, weight: torch.Tensor, lab
     hidden2, labels1 = check_inputs(hidden, weight, labels, bias, ignore_index, name)
     cfg = LossConfig.make(ignore_index, label_smoothing, softcap, chunk_size, tokens=hidden2.shape[0],
                           vocab=weight.shape[0], hidden=weight.shape[1], weight_dtype=weight.dtype,
-                          memory_budget=memory_budget, device=weight.device)
+                          memory_budget=memory_budget, device=weight.device, backend=backend)
     chosen = backends.resolve(backend, weight.device)
     with torch.no_grad():
         loss, lse, token_coef = _loss_and_coef(hidden2, weight, bias, labels1, cfg, num_items_in_batch, grad_loss)
@@ -408,7 +452,7 @@ def linear_cross_entropy_grad_sqnorm_(stats: torch.Tensor, hidden: torch.Tensor,
     check_stats(stats, weight, name)
     cfg = LossConfig.make(ignore_index, label_smoothing, softcap, chunk_size, tokens=hidden2.shape[0],
                           vocab=weight.shape[0], hidden=weight.shape[1], weight_dtype=weight.dtype,
-                          memory_budget=memory_budget, device=weight.device)
+                          memory_budget=memory_budget, device=weight.device, backend=backend)
     with torch.no_grad():
         loss, lse, token_coef = _loss_and_coef(hidden2, weight, bias, labels1, cfg, num_items_in_batch, grad_loss)
 
