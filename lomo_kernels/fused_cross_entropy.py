@@ -254,6 +254,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         hidden2, labels1, lse, denom = ctx.saved_tensors
+        with torch._C.DisableTorchFunctionSubclass():  # a held weight (HeldParameter): plain ops on it here
+            return FusedLinearCrossEntropy._backward(ctx, grad_loss, hidden2, labels1, lse, denom)
+
+    @staticmethod
+    def _backward(ctx, grad_loss, hidden2, labels1, lse, denom):
         cfg, weight, bias = ctx.cfg, ctx.weight, ctx.bias
         coef = torch.where(labels1 != cfg.ignore_index, grad_loss.to(torch.float32) / denom, 0.0)
         updater = ctx.updater

@@ -51,6 +51,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .autograd import FusedEmbeddingFunction, FusedLinearFunction
+from .fused_cross_entropy import FusedLinearCrossEntropy
 
 try:  # transformers is optional at import time
     from transformers.pytorch_utils import Conv1D as _HFConv1D
@@ -83,6 +84,15 @@ class Updater(Protocol):
     # Optional: ``linear_with_rows(param, x, dy, indices, rows) -> bool`` applies G = dyᵀx plus the
     # embedding rows (a tied weight's two kinds of use) as one step, or returns False to get them as one
     # ``linear`` call with the rows as a one-hot GEMM.
+    # Optional: ``lm_head_updater(param)`` -> an ``LMHeadUpdater`` (lomo_kernels.fused_cross_entropy) that
+    # takes the weight's gradient from the fused loss chunk by chunk, or None; without one a held model
+    # computes its loss the ordinary way (logits).
+
+
+def lm_head_updater(updater: Updater, param: torch.Tensor):
+    """``updater``'s LM-head adapter for ``param``, or None when it has none (see ``Updater``)."""
+    make = getattr(updater, "lm_head_updater", None)
+    return make(param) if make is not None else None
 
 
 class Owner(Protocol):
@@ -126,7 +136,14 @@ class WeightSite:
         elif self.updated:  # a recomputation (gradient checkpointing) would read the updated weight
             raise RuntimeError(_LATE_USE.format(name=self.name))
 
-    # contributions: ("linear", x, dy) with G = dyᵀ x; ("embedding", indices, dy, padding_idx)
+    def loss_use(self) -> "LossUse":
+        """A use by the fused linear cross-entropy (the weight is an LM head): counted like any other; the
+        returned object is the loss's updater."""
+        self.note_use()
+        return LossUse(self)
+
+    # contributions: ("linear", x, dy) with G = dyᵀ x; ("embedding", indices, dy, padding_idx);
+    # ("lm_head", record): a fused loss use whose update waits for the others (DeferredLMHead)
     def linear_done(self, x: torch.Tensor, dy: torch.Tensor) -> None:
         self._done(("linear", x, dy))
 
@@ -150,8 +167,56 @@ class WeightSite:
             _apply(updater, self.param, parts)
 
 
+class LossUse:
+    """The ``LMHeadUpdater`` a held weight's fused-loss use hands its gradient to. The only use in the step:
+    the chunks go straight to the owner's LM-head adapter during the loss's backward (no extra GEMM).
+    One of several (a tied embedding): the loss's backward leaves a token-sized record, and the site's
+    last use applies the summed gradient once (``DeferredLMHead.apply``, with the other uses' tokens)."""
+
+    def __init__(self, site: WeightSite):
+        self.site, self.head = site, None
+
+    def defer(self, weight) -> bool:
+        return self.site.forward_uses > 1
+
+    def keep(self, weight, record) -> None:
+        self.site._done(("lm_head", record))
+
+    def passes(self, weight):
+        site = self.site
+        updater = site.hold.updater_in_backward(site.name)
+        if site.updated:
+            raise RuntimeError(_LATE_USE.format(name=site.name))
+        self.head = _lm_head_or_raise(updater, weight, site.name)
+        site.updated = True
+        return self.head.passes(weight)
+
+    def chunk(self, pass_name, weight, v0, v1, x, dy):
+        self.head.chunk(pass_name, weight, v0, v1, x, dy)
+
+    def end_pass(self, pass_name, weight):
+        self.head.end_pass(pass_name, weight)
+
+
+def _lm_head_or_raise(updater: Updater, param: torch.Tensor, name: str):
+    head = lm_head_updater(updater, param)
+    if head is None:
+        raise RuntimeError(f"parameter {name!r}: {type(updater).__name__} cannot take an LM-head gradient from the "
+                           "fused cross-entropy (no lm_head_updater)")
+    return head
+
+
 def _apply(updater: Updater, param: torch.Tensor, parts: list[tuple]) -> None:
     """Send the sum of the uses' gradients to ``updater`` as one call."""
+    records = [args[0] for kind, *args in parts if kind == "lm_head"]
+    if records:
+        if len(records) > 1:
+            raise RuntimeError(f"a weight of shape {tuple(param.shape)} is the LM head of {len(records)} fused losses "
+                               "in one backward; one per step is supported")
+        linear = [tuple(args) for kind, *args in parts if kind == "linear"]
+        embedding = [tuple(args) for kind, *args in parts if kind == "embedding"]
+        records[0].apply(param, _lm_head_or_raise(updater, param, "lm_head"), linear=linear, embedding=embedding)
+        return
     if len(parts) == 1:
         kind, *args = parts[0]
         (updater.linear if kind == "linear" else updater.embedding)(param, *args)
@@ -236,6 +301,9 @@ def _linear(site, args, kwargs):
     x, weight, bias = _arg(args, kwargs, 0, "input"), site.param, _arg(args, kwargs, 2, "bias")
     if not torch.is_grad_enabled() or not weight.requires_grad:
         return F.linear(x, weight, bias)
+    if x.numel() == 0:  # no tokens, no gradient: not a use (a held model's fused loss keeps no logits this way)
+        with torch.no_grad():
+            return F.linear(x, weight, bias)
     site.note_use()
     out = FusedLinearFunction.apply(x, weight, bias, site, False)
     return out.view(*x.shape[:-1], weight.shape[0]) if out.dim() != x.dim() else out
@@ -483,7 +551,8 @@ class Hold:
         root = loss.grad_fn
         if root is None:
             return
-        fused = (FusedLinearFunction._backward_cls, FusedEmbeddingFunction._backward_cls)
+        fused = (FusedLinearFunction._backward_cls, FusedEmbeddingFunction._backward_cls,
+                 FusedLinearCrossEntropy._backward_cls)  # each takes its weight at input 1
         seen, stack = {root}, [root]
         while stack:
             node = stack.pop()

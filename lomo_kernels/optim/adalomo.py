@@ -72,7 +72,7 @@ class AdaLomo(FusedOptimizer):
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                  weight_decay: float = 0.0, *, statistics: str = "recompute", backend: str = "auto",
                  rounding: str | None = None, seed: int = 0, no_decay=(), unfused=(),
-                 on_nonfinite: str | None = None):
+                 on_nonfinite: str | None = None, fused_cross_entropy: bool = True):
         weight_decay = _checks.non_negative("weight_decay", weight_decay)
         loss_scale = _checks.number("loss_scale", loss_scale, low=0.0, optional=True)
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
@@ -94,7 +94,10 @@ class AdaLomo(FusedOptimizer):
                                      clip_grad_value=clip_grad_value),
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
                          rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite, fused_cross_entropy=fused_cross_entropy)
+        if self.fused_cross_entropy and statistics != "recompute":
+            self.fused_cross_entropy = False
+            self.fused_cross_entropy_reason = f"AdaLomo's statistics={statistics!r} (the fused loss needs 'recompute')"
         self._norm_sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> this step's sums
         self.exp_avg_sq: dict[str, torch.Tensor] = {}
         self.exp_avg_sq_row: dict[str, torch.Tensor] = {}
@@ -174,6 +177,13 @@ class AdaLomo(FusedOptimizer):
         u = self.direction_(param, grad)
         coef = self.normalizer(float(u.norm() ** 2), u.numel())
         ops.dense_update_(param, u, **self._apply_args(param, coef))
+
+    def lm_head_updater(self, param):
+        """The fused loss's three passes are the ``recompute`` statistics; other modes take logits."""
+        if self.statistics != "recompute":
+            return None
+        from ..fused_cross_entropy import OptimizerHead
+        return OptimizerHead(self)
 
     def linear_apply(self, param, x, dy):
         if self.statistics == "materialize":

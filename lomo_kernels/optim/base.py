@@ -54,7 +54,7 @@ NONFINITE_MODES = ("skip_step", "raise", "partial")
 class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, defaults: dict, *, clip_grad_norm, clip_grad_value, backend: str,
                  rounding: str | None, seed: int, no_decay=(), unfused=(),
-                 on_nonfinite: str | None = None):
+                 on_nonfinite: str | None = None, fused_cross_entropy: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
         defaults["lr"] = _checks.non_negative("lr", defaults["lr"])
@@ -103,6 +103,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.in_fused_backward = False
         self.closed = False
         self.held = hold(model, self, self.unfused)
+        if not isinstance(fused_cross_entropy, bool):
+            raise TypeError(f"fused_cross_entropy must be True or False, got {fused_cross_entropy!r}")
+        # A held causal LM's labelled training forward computes its loss with the LM head's update fused in
+        # (no logits, no LM-head gradient) where that applies; why it does not, otherwise.
+        self.fused_cross_entropy = False
+        self.fused_cross_entropy_reason = "off (fused_cross_entropy=False)"
+        if fused_cross_entropy:
+            from ..integrations import causal_lm_loss
+            self.fused_cross_entropy_reason = (
+                f"{type(self).__name__} has no LM-head rule for the fused loss yet"
+                if type(self).lm_head_updater is FusedOptimizer.lm_head_updater
+                else causal_lm_loss.why_not_applicable(model, self.held))
+            if self.fused_cross_entropy_reason is None:
+                causal_lm_loss.FusedCausalLMLoss(model, self.held)
+                self.fused_cross_entropy = True
         self._release = weakref.finalize(self, self.held.release)  # garbage collection ends the hold too
 
     def __repr__(self) -> str:
@@ -121,6 +136,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def lm_head_updater(self, param: torch.Tensor):
+        """The ``LMHeadUpdater`` (lomo_kernels.fused_cross_entropy) that applies this optimizer's rule to a
+        held LM head from the fused loss's chunks, or None (then the model's loss comes from logits)."""
+        return None
 
     def reroute(self, updater) -> None:
         """Send the held weights' gradients to ``updater`` instead of this optimizer's rules (an updater

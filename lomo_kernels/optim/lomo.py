@@ -33,7 +33,7 @@ class Lomo(LossScaledMixin, FusedOptimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, clip_grad_norm: float | None = None,
                  clip_grad_value: float | None = None, weight_decay: float = 0.0, loss_scale_args: dict | None = None,
                  *, backend: str = "auto", rounding: str | None = None, seed: int = 0, no_decay=(), unfused=(),
-                 on_nonfinite: str | None = None):
+                 on_nonfinite: str | None = None, fused_cross_entropy: bool = True):
         self.weight_decay = _checks.non_negative("weight_decay", weight_decay)
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
             raise TypeError(f"loss_scale_args must be None or a dict, got {loss_scale_args!r}")
@@ -42,7 +42,7 @@ class Lomo(LossScaledMixin, FusedOptimizer):
                                      weight_decay=weight_decay),
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
                          rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite, fused_cross_entropy=fused_cross_entropy)
         self.loss_scaler = DynamicLossScaler(**self.loss_scale_args) if self.checks_overflow else None
 
     def _rule(self, param: torch.Tensor) -> dict:
@@ -73,6 +73,10 @@ class Lomo(LossScaledMixin, FusedOptimizer):
             rule = dict(self._rule(param), weight_decay=0.0)
             ops.embedding_update_(param, touched, summed, **rule)
         return True
+
+    def lm_head_updater(self, param):
+        from ..fused_cross_entropy import OptimizerHead
+        return OptimizerHead(self)
 
     def linear_apply(self, param, x, dy):
         ops.linear_update_(param, x, dy, **self._rule(param))
