@@ -168,10 +168,21 @@ def test_forward_is_bitwise_the_plain_models():
     for model in models:
         model.train()
         plain = model(input_ids=ids, labels=ids)
-        with lk.Lomo(model, lr=0.0):
+        with lk.Lomo(model, lr=0.0, fused_cross_entropy=False):
             held = model(input_ids=ids, labels=ids)
             assert torch.equal(held.logits, plain.logits), type(model).__name__
             assert torch.equal(held.loss, plain.loss)
+            held.loss.detach_()
+        # With the fused loss (on by default where it applies): the logits stay bitwise; a labelled training
+        # forward returns the loss without logits, equal to the model's own within fp32 rounding.
+        with lk.Lomo(model, lr=0.0) as opt:
+            assert torch.equal(model(input_ids=ids).logits, plain.logits), type(model).__name__
+            held = model(input_ids=ids, labels=ids)
+            if opt.fused_cross_entropy:
+                assert held.logits is None
+                assert abs(held.loss.item() - plain.loss.item()) <= 1e-6 * plain.loss.item()
+            else:
+                assert torch.equal(held.loss, plain.loss)
             held.loss.detach_()
 
 
