@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lomo_kernels.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OS, EXIT_USAGE, build_parser, main
 from lomo_kernels.training.data import BatchOrder
-from lomo_kernels.training.optimizers import DEFAULT_LR
+from lomo_kernels.training.optimizers import DEFAULT_CLIP_VALUE, DEFAULT_LR
 
 TINY = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--no-progress", "--eval-every", "0",
         "--warmup-steps", "0"]
@@ -47,12 +47,23 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model.safetensors")
 
 
-@pytest.mark.parametrize("optimizer, extra", [
-    ("lomo", []),
-    ("lomo", ["--dtype", "bf16"]),  # stochastic rounding: its seed sequence must resume too
-    ("adamw", ["--lr", "0.01"]),     # optimizer moments must resume
-])
-def test_train_resume_exactly_and_load_with_transformers(tmp_path, data_file, capsys, monkeypatch, optimizer, extra):
+RESUME_CASES = {
+    "lomo": ("lomo", []),
+    "lomo-bf16": ("lomo", ["--dtype", "bf16"]),  # stochastic rounding: its seed sequence must resume too
+    "adamw": ("adamw", ["--lr", "0.01"]),        # the fused AdamW: m, v and the bias-correction step
+    "torch-adamw": ("torch-adamw", ["--lr", "0.01"]),
+    # projections refreshed at steps 0, 2, 4 (the refresh after the resume needs the advanced seeds), the
+    # limiter's previous norms, the norm phase of global-norm clipping
+    "apollo": ("apollo", ["--apollo-rank", "4", "--apollo-update-proj-gap", "2", "--clip-grad-norm", "1.0"]),
+    # HiFT: position in the cycle (step 3 of 4 groups), the next cycle's permutation, per-group clocks and states
+    "hift-adamw": ("adamw", ["--lr", "0.01", "--hift-group-size", "1", "--hift-strategy", "random"]),
+    "hift-apollo": ("apollo", ["--apollo-rank", "4", "--hift-group-size", "1", "--hift-strategy", "up2down"]),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_train_resume_exactly_and_load_with_transformers(tmp_path, data_file, capsys, monkeypatch, case):
+    optimizer, extra = RESUME_CASES[case]
     full, part = tmp_path / "full", tmp_path / "part"
     common = ["--data", data_file, "--optimizer", optimizer, "--save-every", 3, "--steps", 6, *extra]
     code, out, err = train(capsys, *common, "--output", full)
@@ -81,6 +92,10 @@ def test_train_resume_exactly_and_load_with_transformers(tmp_path, data_file, ca
     losses = train_losses(full)
     assert list(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]
+    if "--hift-group-size" in extra:  # per_cycle: the lr is held for each cycle of the 4 groups
+        lrs = [r["lr"] for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
+               if r["type"] == "train"]
+        assert lrs[:4] == [lrs[0]] * 4 and lrs[4] == lrs[5] < lrs[0]
     assert train_losses(part) == losses  # the resumed run sees the same batches and computes the same losses
     uninterrupted, resumed = weights(full), weights(part)
     assert uninterrupted.keys() == resumed.keys()
@@ -116,15 +131,47 @@ def test_eval_metrics_schedule_clipping_and_activation_checkpointing(tmp_path, d
     assert "held-out loss / perplexity" in out
 
 
-@pytest.mark.parametrize("optimizer", ["adalomo", "sgd", "adamw", "lomo-optim"])
+@pytest.mark.parametrize("optimizer", ["adalomo", "sgd", "adamw", "torch-adamw", "apollo", "apollo-mini", "lomo-optim"])
 def test_the_other_optimizers_train_with_their_default_lr(tmp_path, data_file, capsys, optimizer):
     run = tmp_path / "run"
-    code, _, err = train(capsys, "--data", data_file, "--optimizer", optimizer, "--steps", 4, "--output", run)
+    code, out, err = train(capsys, "--data", data_file, "--optimizer", optimizer, "--steps", 4, "--output", run)
     assert code == 0, err
     losses = train_losses(run)
     assert losses[4] < losses[1]
     options = json.loads((run / "run.json").read_text())["options"]
     assert (options["optimizer"], options["lr"]) == (optimizer, DEFAULT_LR[optimizer])
+    assert options["clip_grad_value"] == DEFAULT_CLIP_VALUE.get(optimizer, 0.0)  # resolved, stored
+    if optimizer == "apollo":  # the default rank 256 is capped by the tiny model's 32-wide weights, and said so
+        assert options["apollo_rank"] == 32 and options["apollo_update_proj_gap"] == 200
+        assert "the default 256 exceeds the smallest dimension of the projected weights (32" in out
+
+
+def test_hift_bf16_gradient_checkpointing_and_norm_clipping(tmp_path, data_file, capsys):
+    run = tmp_path / "run"
+    code, out, err = train(capsys, "--data", data_file, "--optimizer", "adalomo", "--hift-group-size", 2,
+                           "--hift-lr-schedule", "per_step", "--dtype", "bf16", "--gradient-checkpointing",
+                           "--clip-grad-norm", 1.0, "--rounding", "nearest", "--steps", 3, "--output", run)
+    assert code == 0, err
+    assert "HiFT over adalomo (2 layers per group, down2up, lr per step)" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] is not None for r in records if r["type"] == "train")  # the group's norm phase
+    state = torch.load(run / "checkpoints" / "step-00000003" / "training_state.pt", weights_only=True)
+    assert state["optimizer"]["hift"]["step"] == 3 and state["optimizer"]["hift"]["group_steps"] == [1, 1, 1]
+
+
+def test_resume_a_run_from_when_adamw_meant_torch_adamw(tmp_path, data_file, capsys):
+    run = tmp_path / "run"
+    assert train(capsys, "--data", data_file, "--optimizer", "torch-adamw", "--steps", 2, "--output", run)[0] == 0
+    info = json.loads((run / "run.json").read_text())
+    info["options"].update(optimizer="adamw", clip_grad_value=None)  # as such a run wrote it (0 was None)
+    for key in [k for k in info["options"] if k.startswith(("apollo_", "hift_"))]:
+        del info["options"][key]
+    (run / "run.json").write_text(json.dumps(info))
+    code, _, err = train(capsys, "--data", data_file, "--steps", 3, "--output", run, "--resume")
+    assert code == 0, err
+    assert "resuming it as torch-adamw" in err
+    options = json.loads((run / "run.json").read_text())["options"]
+    assert options["optimizer"] == "torch-adamw" and options["clip_grad_value"] == 0.0
 
 
 def test_max_minutes_stops_early_with_a_checkpoint(tmp_path, data_file, capsys):
@@ -205,6 +252,24 @@ BAD_INPUT = {
     "bad option value": (lambda t, d: ["--data", d, "--lr", "fast"], "argument --lr: invalid float value"),
     "zero batch size": (lambda t, d: ["--data", d, "--batch-size", 0], "--batch-size must be > 0"),
     "fp16 with sgd": (lambda t, d: ["--data", d, "--optimizer", "sgd", "--dtype", "fp16"], "needs loss scaling"),
+    "fp16 with torch-adamw": (lambda t, d: ["--data", d, "--optimizer", "torch-adamw", "--dtype", "fp16"],
+                              "needs loss scaling"),
+    "rounding with sgd": (lambda t, d: ["--data", d, "--optimizer", "sgd", "--rounding", "nearest"],
+                          "--rounding only applies to the fused optimizers"),
+    "apollo value clipping": (lambda t, d: ["--data", d, "--optimizer", "apollo", "--clip-grad-value", "0.1"],
+                              "apollo cannot clip gradient values .*use --clip-grad-norm"),
+    "apollo rank too large": (lambda t, d: ["--data", d, "--optimizer", "apollo", "--apollo-rank", "64"],
+                              r"--apollo-rank 64 exceeds the smallest dimension .* \(32: .*pass --apollo-rank 32"),
+    "apollo option without apollo": (lambda t, d: ["--data", d, "--apollo-rank", "4"],
+                                     "--apollo-rank only applies to --optimizer apollo or apollo-mini, not lomo"),
+    "apollo-mini rank": (lambda t, d: ["--data", d, "--optimizer", "apollo-mini", "--apollo-rank", "4"],
+                         "apollo-mini is APOLLO with rank 1"),
+    "hift over a torch optimizer": (lambda t, d: ["--data", d, "--optimizer", "torch-adamw", "--hift-group-size", "1"],
+                                    "--optimizer torch-adamw keeps whole gradients and cannot be wrapped"),
+    "hift group too large": (lambda t, d: ["--data", d, "--hift-group-size", "3"],
+                             r"--hift-group-size 3: group_size must be between 1 and the number of decoder layers \(2"),
+    "hift strategy alone": (lambda t, d: ["--data", d, "--hift-strategy", "random"], "needs --hift-group-size"),
+    "hift group size zero": (lambda t, d: ["--data", d, "--hift-group-size", "0"], "must be >= 1"),
     "unknown config key": (lambda t, d: ["--data", d, "--config", _write(t / "c.yaml", "lr: 1\nlearning_rat: 2\n")],
                            "unknown option 'learning_rat'"),
     "resume nothing": (lambda t, d: ["--data", d, "--resume"], "holds no run to resume"),

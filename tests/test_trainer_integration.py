@@ -147,3 +147,41 @@ def test_trainer_refuses_what_fused_updates_cannot_do(tmp_path):
                     train_dataset=data)
     with pytest.raises(ValueError, match="optimizer_name"):
         LomoTrainer(model=tiny_llama(), args=training_args(tmp_path, 1), train_dataset=data, optimizer_name="adam")
+
+
+@pytest.mark.parametrize("name, extra", [("adamw", {}), ("apollo", {"rank": 4, "update_proj_gap": 2}),
+                                         ("apollo-mini", {})])
+def test_trainer_with_hift_over_the_adaptive_optimizers_resumes_exactly(tmp_path, name, extra):
+    """LomoTrainer(optimizer_name=..., hift=...): 2 steps, a checkpoint mid-cycle (4 groups), then 2 more in a
+    fresh trainer and model equal 4 uninterrupted steps bitwise (HiFT's position and per-group states, AdamW's
+    moments, APOLLO's projector seeds and limiter norms, all through the Trainer's checkpoint)."""
+    from lomo_kernels.optim.hift import HiFT
+
+    steps = 4
+    kwargs = dict(optimizer_name=name, optimizer_kwargs=extra, hift=dict(group_size=1, strategy="random", seed=3))
+    overrides = dict(learning_rate=1e-2, max_grad_norm=1.0, warmup_steps=0)  # HF warmup starts at lr 0: a lost cycle
+    torch.manual_seed(0)
+    model = tiny_llama()
+    start = copy.deepcopy(model.state_dict())
+    data = dataset(model.config.vocab_size, steps * BATCH)
+    full = LomoTrainer(model=model, args=training_args(tmp_path / "full", steps, **overrides), train_dataset=data,
+                       **kwargs)
+    full.train()
+    hift = full.fused_optimizer
+    expected = {"adamw": lk.AdamW, "apollo": lk.Apollo, "apollo-mini": lk.ApolloMini}[name]
+    assert isinstance(hift, HiFT) and type(hift.optimizer) is expected and hift.closed
+    assert hift.step_count == steps and hift.group_steps == [1, 1, 1, 1]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
+    assert changed == {n for n, _ in model.named_parameters()}  # every group trained once
+
+    first = tiny_llama()
+    first.load_state_dict(start)
+    LomoTrainer(model=first, args=training_args(tmp_path / "split", steps, save_strategy="steps", save_steps=2,
+                                                **overrides), train_dataset=data, **kwargs).train()
+    resumed = tiny_llama()
+    trainer = LomoTrainer(model=resumed, args=training_args(tmp_path / "split", steps, **overrides),
+                          train_dataset=data, **kwargs)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
+    assert trainer.fused_optimizer.step_count == steps
+    for (n, p), q in zip(resumed.named_parameters(), model.parameters()):
+        assert torch.equal(p, q), n

@@ -7,13 +7,15 @@ from pathlib import Path
 
 from ..ops._common import BACKENDS
 from ..training.errors import UsageError
-from ..training.optimizers import DEFAULT_LR, OPTIMIZERS
+from ..training.optimizers import (APOLLO_DEFAULT_GAP, APOLLO_DEFAULT_RANK, DEFAULT_CLIP_VALUE, DEFAULT_LR,
+                                  FUSED, HIFT_LR_SCHEDULES, HIFT_STRATEGIES, OPTIMIZERS)
 from ..training.presets import PRESETS
 from ..training.trainer import DTYPES, SCHEDULES
 
 DESCRIPTION = """\
 Full-parameter fine-tuning of a causal language model, with the optimizer update fused into the
-backward pass (LOMO / AdaLomo) or a baseline optimizer for comparison.
+backward pass (LOMO, AdaLomo, AdamW, APOLLO, APOLLO-Mini; optionally HiFT's one group of layers per
+step over any of them) or a baseline optimizer for comparison.
 
 With no options it trains the built-in "small" model on the Python standard library's own source
 files for a few minutes at most on a 2-core CPU, and prints where its outputs are."""
@@ -28,6 +30,8 @@ examples:
   lomo-kernels train --model ./my-llama --data train.jsonl --dtype bf16 --lr 1e-2 --output runs/ft
   lomo-kernels train --output runs/ft --resume --steps 2000
   lomo-kernels train --config run.yaml --optimizer adamw --lr 1e-3
+  lomo-kernels train --optimizer apollo --apollo-rank 64 --clip-grad-norm 1.0
+  lomo-kernels train --optimizer adamw --hift-group-size 2 --hift-strategy random
 
 exit status: 0 done, 1 a file-system error (e.g. disk full, permission denied), 2 bad input (nothing
 written; --resume with --steps below the step reached), 3 the loss became NaN/inf (the last good
@@ -61,6 +65,21 @@ def off_or_positive(text: str) -> float | None:
     return value or None
 
 
+def off_or_positive_kept(text: str) -> float:
+    """As ``off_or_positive``, but 0 stays 0.0 (off), so that None can mean "the optimizer's default"."""
+    return off_or_positive(text) or 0.0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool = False) -> None:
     """All options of ``train``; with ``suppress_defaults`` parsing yields only the options given."""
 
@@ -80,7 +99,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
 
     g = parser.add_argument_group("optimization")
     add(g, "--optimizer", choices=OPTIMIZERS, default="lomo",
-        help="lomo / adalomo: fused, no gradient kept; sgd / adamw: torch baselines; lomo-optim: the PyPI reference LOMO")
+        help="fused, no weight gradient kept: lomo (SGD), adalomo, adamw (torch.optim.AdamW's rule), apollo, "
+             "apollo-mini (apollo-torch's APOLLOAdamW rules); baselines that keep every gradient: sgd, torch-adamw "
+             "(torch.optim.SGD / AdamW), lomo-optim (the PyPI reference LOMO)")
     add(g, "--lr", type=float,
         help=f"peak learning rate (default by optimizer: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
     add(g, "--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule after warmup")
@@ -90,15 +111,17 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
     add(g, "--batch-size", type=int, default=16, help="sequences per step")
     add(g, "--clip-grad-norm", type=off_or_positive, default=None,
         help="clip the global gradient norm to this (LOMO: a norm-only backward pass first); 0: off")
-    add(g, "--clip-grad-value", type=off_or_positive, default=0.05,
+    add(g, "--clip-grad-value", type=off_or_positive_kept,
         help="clamp every gradient entry to [-v, v] (free in the fused update; keeps plain SGD/LOMO stable "
-             "through the first steps from random init); 0: off")
+             "through the first steps from random init); 0: off (default: "
+             f"{', '.join(f'{k} {v:g}' for k, v in DEFAULT_CLIP_VALUE.items())}; off for the AdamW family; "
+             "apollo / apollo-mini cannot clip values)")
     add(g, "--weight-decay", type=float, default=0.0, help="decoupled weight decay (w -= lr*wd*w)")
     add(g, "--dtype", choices=tuple(DTYPES), default="fp32",
-        help="weight dtype; fp16 uses dynamic loss scaling (LOMO optimizers only)")
+        help="weight dtype; fp16 uses dynamic loss scaling (fused optimizers and lomo-optim only)")
     add(g, "--rounding", choices=("nearest", "stochastic"),
-        help="rounding of bf16/fp16 weight updates, lomo/adalomo only (default: the optimizer's)")
-    add(g, "--backend", choices=BACKENDS, default="auto", help="kernel backend of lomo/adalomo")
+        help="rounding of bf16/fp16 weight updates, fused optimizers only (default: stochastic for bf16, else nearest)")
+    add(g, "--backend", choices=BACKENDS, default="auto", help="kernel backend of the fused optimizers")
     add(g, "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
         help="recompute activations in the backward pass to save memory")
     add(g, "--seed", type=int, default=0, help="seed of initialization, data split and order, stochastic rounding")
@@ -106,6 +129,27 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
     add(g, "--threads", type=int,
         help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else 1: OpenMP threads spin-wait, and on "
              "a CPU shared with other jobs two threads ran 15x slower than one here; raise it on a machine of your own)")
+
+    g = parser.add_argument_group("APOLLO (--optimizer apollo / apollo-mini)")
+    add(g, "--apollo-rank", type=positive_int,
+        help=f"rank of APOLLO's random projection (default: {APOLLO_DEFAULT_RANK}, capped at the smallest dimension "
+             "of the projected weights; apollo-mini: 1)")
+    add(g, "--apollo-scale-type", choices=("channel", "tensor"),
+        help="APOLLO's gradient scale: one per channel, or one for the whole tensor (default: channel; apollo-mini: tensor)")
+    add(g, "--apollo-update-proj-gap", type=positive_int,
+        help=f"steps between refreshes of the random projection (default: {APOLLO_DEFAULT_GAP})")
+
+    g = parser.add_argument_group("HiFT (one group of layers per step, over a fused optimizer)")
+    add(g, "--hift-group-size", type=positive_int, metavar="K",
+        help=f"turn HiFT on: train one group of K decoder layers per step (the embedding and the head are "
+             f"groups of their own), rotating through the groups; wraps --optimizer {'|'.join(FUSED)} "
+             "(default: off)")
+    add(g, "--hift-strategy", choices=HIFT_STRATEGIES,
+        help="order of the groups: down2up (embedding first), up2down (head first), random (a new seeded "
+             "permutation every cycle) (default: down2up)")
+    add(g, "--hift-lr-schedule", choices=HIFT_LR_SCHEDULES,
+        help="per_cycle (HiFT's): every step of a cycle of groups uses the schedule's lr at the cycle's first "
+             "step; per_step: each step its own (default: per_cycle)")
 
     g = parser.add_argument_group("output and progress")
     add(g, "--output", default="runs/default", metavar="DIR",

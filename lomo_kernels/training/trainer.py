@@ -17,7 +17,8 @@ import torch
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX, BatchOrder, PackedData, TokenizerAdapter, pack, read_documents, split_eval
 from .errors import UsageError
-from .optimizers import DEFAULT_LR, build_runner, check_optimizer_options
+from .optimizers import (build_runner, check_model_options, check_optimizer_options, describe,
+                         resolve_optimizer_defaults)
 from .presets import PRESETS, preset_config
 from .report import plot_loss_curve, summarize
 from .tokenizer import ByteTokenizer, save_byte_tokenizer
@@ -54,8 +55,7 @@ def lr_at(step: int, args) -> float:
 
 
 def check_options(args) -> None:
-    if args.lr is None:
-        args.lr = DEFAULT_LR[args.optimizer]
+    resolve_optimizer_defaults(args)
     if args.warmup_steps is None and isinstance(args.steps, int) and args.steps > 0:
         args.warmup_steps = default_warmup(args.steps)
     positive = [("steps", args.steps), ("batch_size", args.batch_size), ("seq_len", args.seq_len),
@@ -118,6 +118,14 @@ def resolve_run(args, explicit: set[str]):
         for key, value in saved.items():
             if key not in RESUMABLE_OPTIONS or key not in explicit:
                 setattr(args, key, value)
+        if saved.get("clip_grad_value", 0.0) is None:  # a run from before 0.0 meant "off" in run.json
+            args.clip_grad_value = 0.0
+        opt_state = intact.state.get("optimizer")
+        if args.optimizer == "adamw" and isinstance(opt_state, dict) and "format" not in opt_state:
+            # a run from before --optimizer adamw became the fused AdamW: its checkpoint is torch.optim.AdamW's
+            args.optimizer = "torch-adamw"
+            print(f"lomo-kernels: note: the run in {out} was started with --optimizer adamw when that meant "
+                  "torch.optim.AdamW (now --optimizer torch-adamw); resuming it as torch-adamw", file=sys.stderr)
         reached = intact.state["step"]
         if isinstance(args.steps, int) and args.steps < reached:
             raise UsageError(f"--resume: the run in {out} already reached step {reached} ({intact.path.name}), "
@@ -282,8 +290,17 @@ def prepare(args, explicit: set[str], say) -> Run:
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.hift_group_size is not None and hasattr(model, "disable_input_require_grads"):
+            # non-reentrant checkpointing needs no input that requires grad; without it HiFT's backward
+            # stops below the active group again (docs/hift.md)
+            model.disable_input_require_grads()
     model.config.use_cache = False
     model.train()
+    check_model_options(args, model, say)
+    try:  # constructor checks (e.g. a model the optimizer cannot hold) are bad input too: before any write
+        runner = build_runner(args, model)
+    except ValueError as exc:
+        raise UsageError(f"--optimizer {args.optimizer}: {exc}") from None
 
     # Everything is checked: from here on the output directory is written.
     if args.overwrite and out.exists():
@@ -299,7 +316,6 @@ def prepare(args, explicit: set[str], say) -> Run:
     if damaged:  # the top-level weights may be the damaged checkpoint's: publish those resumed from
         ckpt.publish_model_files(resume_from, out)
     start_step, order = 0, BatchOrder(len(train_data), args.batch_size, args.seed)
-    runner = build_runner(args, model)
     if resume_from is not None:
         state = intact.state
         runner.load_state_dict(state["optimizer"])
@@ -314,7 +330,7 @@ def prepare(args, explicit: set[str], say) -> Run:
     rewrite_metrics(out / METRICS_FILE, history)
 
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"model {run_source.spec}: {n_params / 1e6:.2f} M parameters, {args.dtype}, on {device}; optimizer {args.optimizer}")
+    say(f"model {run_source.spec}: {n_params / 1e6:.2f} M parameters, {args.dtype}, on {device}; optimizer {describe(args)}")
     say(f"data: {len(train_data)} training and {len(eval_data) if eval_data else 0} held-out sequences "
         f"of {args.seq_len} tokens")
     return Run(args, out, model, runner, order, train_data, eval_data, save_tokenizer, device, start_step, history,
@@ -341,7 +357,7 @@ def train_loop(run: Run) -> None:
             t0 = time.perf_counter()
             index = run.order.next_batch()
             tokens, labels = run.train_data.tokens[index].to(device), run.train_data.labels[index].to(device)
-            lr = lr_at(step, args)
+            lr = lr_at(run.runner.schedule_step(step), args)
             loss = run.model(input_ids=tokens, labels=labels).loss
             loss_value = loss.item()
             if not math.isfinite(loss_value):  # checked before the fused update could write bad weights
@@ -395,7 +411,7 @@ def run_training(args, explicit: set[str], say=print) -> Path:
     summary = summarize(run.history, run.out, time.perf_counter() - started, run.device)
     ckpt.write_json_atomic(run.out / "summary.json", summary["numbers"])
     plot_loss_curve(run.history, run.out / "loss_curve.png",
-                    f"{run.model_name}, {run.args.optimizer}, lr {run.args.lr:g}, {run.args.dtype}")
+                    f"{run.model_name}, {describe(run.args)}, lr {run.args.lr:g}, {run.args.dtype}")
     say(summary["table"])
     say(f"outputs in {run.out.resolve()}: model (config.json, model.safetensors, tokenizer), {METRICS_FILE}, "
         f"loss_curve.png, summary.json, checkpoints/")
