@@ -13,11 +13,11 @@ from lomo_kernels.memory.tracker import GiB
 from .common import device_record, new_figure, save_figure, write_results
 
 # LOMO paper (Lv et al. 2023), LLaMA-7B, fp16, activation checkpointing: total per-step peak (GB, 2**30 bytes)
-PAPER_7B = {"adamw": 102.20, "sgd": 51.99, "lomo-optim": 14.58}
+PAPER_7B = {"torch-adamw": 102.20, "sgd": 51.99, "lomo-optim": 14.58}
 # The batch that reproduces them: the torch optimizers' peak (after backward) does not depend on it;
 # LOMO's is set by the checkpointed activations and the logits, and 6 x 512 = 3072 tokens matches.
 PAPER_BATCH, PAPER_SEQ = 6, 512
-METHODS = ("adamw", "sgd", "lomo-optim", "lomo", "adalomo")
+METHODS = ("torch-adamw", "sgd", "lomo-optim", "lomo", "adalomo")
 GPU_3090_GIB = 24.0
 
 
@@ -34,7 +34,7 @@ def _row(section: str, r, paper: float | None = None) -> dict:
 
 def run(out_dir: str, quick: bool = False) -> list[dict]:
     sample = 1  # layers measured (and twice that), extrapolated to the full depth
-    methods = ("adamw", "sgd", "lomo-optim") if quick else METHODS
+    methods = ("torch-adamw", "sgd", "lomo-optim") if quick else METHODS
     rows = [_row("paper check", plan("llama-7b", m, "fp16", PAPER_BATCH, PAPER_SEQ, sample_layers=sample),
                  PAPER_7B.get(m)) for m in methods]
     if not quick:

@@ -61,7 +61,7 @@ def test_tracker_moves_a_provisional_temporary_to_grads_even_after_the_peak():
 
 # --- planner vs a real run -----------------------------------------------------------------------
 
-def _real_tracked_run(config_path, method, batch_size, seq_len):
+def _real_tracked_run(config_path, method, batch_size, seq_len, **options):
     """The planner's step on real tensors: tracker split at the peak, and the profiler's peak of the same step."""
     torch.manual_seed(0)
     model = build_model(load_config(config_path), torch.float32, checkpointing=False)
@@ -70,7 +70,7 @@ def _real_tracked_run(config_path, method, batch_size, seq_len):
     tracker = MemoryTracker()
     with tracker:
         tracker.adopt(batch.values(), "other")
-        trainer = Trainer(model, StepConfig(method), tracker)
+        trainer = Trainer(model, StepConfig(method, **options), tracker)
         trainer.step(batch)
         tracker.reset_peak()
         live_before = tracker.live_bytes
@@ -79,14 +79,20 @@ def _real_tracked_run(config_path, method, batch_size, seq_len):
     return tracker.report(), live_before + profiled
 
 
-@pytest.mark.parametrize("method", ["none", "sgd", "adamw", "lomo-optim", "lomo", "adalomo"])
+@pytest.mark.parametrize("method", ["none", "sgd", "torch-adamw", "lomo-optim", "lomo", "adalomo"])
 def test_plan_matches_a_real_tracked_run_within_5_percent(small_config, method):
     batch_size, seq_len = 2, 32
     planned = plan(small_config, method, "fp32", batch_size, seq_len, checkpointing=False)
-    real, profiled_total = _real_tracked_run(small_config, method, batch_size, seq_len)
+    real, _ = _real_tracked_run(small_config, method, batch_size, seq_len)
     total = planned.total_bytes
     assert total == pytest.approx(real.peak_bytes, rel=0.05)
-    assert total == pytest.approx(profiled_total, rel=0.05)  # an independent measure (allocator events)
+    # an independent measure (allocator events); it also sees scratch allocated inside custom ops, which the
+    # GPU kernels keep in registers but the CPU reference of the fused loss allocates per chunk: compare the
+    # step without the fused loss
+    off = {"fused_cross_entropy": False} if method in ("lomo", "adalomo") else {}
+    _, profiled_total = _real_tracked_run(small_config, method, batch_size, seq_len, **off)
+    assert plan(small_config, method, "fp32", batch_size, seq_len, checkpointing=False,
+                **off).total_bytes == pytest.approx(profiled_total, rel=0.05)
     for category, nbytes in real.at_peak.items():
         assert abs(planned.measured[category] - nbytes) <= 0.05 * total, category
     n_params = sum(p.numel() for p in build_model(load_config(small_config), torch.float32, False).parameters())
@@ -96,7 +102,7 @@ def test_plan_matches_a_real_tracked_run_within_5_percent(small_config, method):
 def test_layer_extrapolation_equals_the_full_depth_run(tmp_path):
     path = tmp_path / "deep.json"
     path.write_text(json.dumps(SMALL_LLAMA | {"num_hidden_layers": 4}))
-    for method in ("adamw", "lomo"):
+    for method in ("torch-adamw", "lomo"):
         full = plan(str(path), method, "fp16", 2, 32)
         with pytest.warns(PlanExtrapolationWarning, match=r"checked at 3 layers it was off by [+-]\d+\.\d\d%"):
             sampled = plan(str(path), method, "fp16", 2, 32, sample_layers=1)
@@ -130,7 +136,7 @@ def test_plan_all_works_without_lomo_optim_installed(small_config, capsys, monke
     monkeypatch.setitem(sys.modules, "lomo_optim", None)  # `import lomo_optim` raises ImportError
     assert main(["--model", small_config, "--method", "all", "--seq-len", "8"]) == 0
     captured = capsys.readouterr()
-    assert "| lomo |" in captured.out and "| adamw |" in captured.out and "| lomo-optim |" not in captured.out
+    assert "| lomo |" in captured.out and "| torch-adamw |" in captured.out and "| lomo-optim |" not in captured.out
     assert "lomo-optim skipped" in captured.err and "pip install lomo-optim" in captured.err
     assert "note: lomo-optim skipped" in captured.out
     assert main(["--model", small_config, "--method", "lomo-optim", "--seq-len", "8"]) == 2
@@ -140,7 +146,7 @@ def test_plan_all_works_without_lomo_optim_installed(small_config, capsys, monke
 # --- the LOMO paper's LLaMA-7B figures -----------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore::lomo_kernels.memory.planner.PlanExtrapolationWarning")
-@pytest.mark.parametrize("method, paper_gib", [("adamw", 102.20), ("sgd", 51.99), ("lomo-optim", 14.58)])
+@pytest.mark.parametrize("method, paper_gib", [("torch-adamw", 102.20), ("sgd", 51.99), ("lomo-optim", 14.58)])
 def test_plan_reproduces_the_lomo_paper_llama7b_totals_within_3_percent(method, paper_gib):
     result = plan("llama-7b", method, "fp16", batch_size=6, seq_len=512, checkpointing=True, sample_layers=1)
     assert result.n_params == 6_738_415_616
@@ -156,8 +162,8 @@ def test_fused_lomo_keeps_no_weight_gradient_and_beats_lomo_optim():
 
 
 def test_zero3_divides_sharded_categories_and_adds_one_gathered_layer(small_config):
-    single = plan(small_config, "adamw", "fp16", 1, 16)
-    sharded = plan(small_config, "adamw", "fp16", 1, 16, world_size=4)
+    single = plan(small_config, "torch-adamw", "fp16", 1, 16)
+    sharded = plan(small_config, "torch-adamw", "fp16", 1, 16, world_size=4)
     for category in ("params", "grads", "optimizer_state"):
         assert sharded.per_gpu[category] == -(-single.per_gpu[category] // 4)
     h, i = SMALL_LLAMA["hidden_size"], SMALL_LLAMA["intermediate_size"]
@@ -183,7 +189,7 @@ def test_cli_prints_the_table_and_exits_1_when_it_does_not_fit(small_config, cap
     assert main(["--model", small_config, "--method", "sgd,lomo", "--seq-len", "16", "--gpu-gib", "80"]) == 0
     out = capsys.readouterr().out
     assert "| sgd |" in out and "| lomo |" in out and "yes (80 GiB)" in out
-    assert main(["--model", small_config, "--method", "adamw", "--seq-len", "16", "--gpu-gib", "0.0001"]) == 1
+    assert main(["--model", small_config, "--method", "torch-adamw", "--seq-len", "16", "--gpu-gib", "0.0001"]) == 1
     assert main(["--model", "no-such-model"]) == 2
 
 

@@ -12,6 +12,11 @@ What is modelled, and what is not:
   keep the weight-gradient tiles in registers; scalar reads (loss-scale overflow checks, the grad
   norm) read 0 (or False) under fake tensors: finite, no overflow, no out-of-range index, so every
   step takes the ordinary path; ``unique``/``nonzero`` are sized for the worst case (all distinct);
+* HiFT methods update one group of layers per step: two whole cycles run (the first creates every
+  group's state) and the peak is the second cycle's, i.e. the worst group's step; optimizer state moved to
+  the host is reported apart (``host_bytes``), not in the per-GPU total; ``setup_peak_bytes`` is the
+  peak before the measured step (construction and warm-up), which can be higher (``lomo_kernels.AdamW``
+  allocates every moment on the device before ``HiFT`` moves the inactive groups' to the host);
 * ZeRO-3 over ``world_size`` ranks is arithmetic on the measured split: parameters, persistent
   gradients and optimizer state divided by the world size, plus one gathered layer (the largest
   block of the model) in the compute dtype; activations and temporaries are per GPU as measured.
@@ -25,14 +30,15 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, is_dataclass
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .methods import FUSED_METHODS, METHODS, StepConfig, Trainer
+from .methods import (ALL_METHODS, DEFAULT_LORA_RANK, FUSED_METHODS, HIFT_METHODS, METHODS, StepConfig, Trainer,
+                      missing_requirement)
 from .tracker import CATEGORIES, GiB, MemoryTracker
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,13 +60,26 @@ def has_lomo_optim() -> bool:
         return False
     return True
 
-# LLaMA-1 shapes (Touvron et al. 2023, table 2); "30b" is the model released as 33B.
+
+def _missing_message(method: str) -> str | None:
+    if method == "lomo-optim":
+        return None if has_lomo_optim() else LOMO_OPTIM_MISSING
+    need = missing_requirement(method)
+    if need is None:
+        return None
+    return f"the {method} method runs {need.split('=')[0]}'s own code and needs it installed (pip install {need})"
+
+# LLaMA-1 shapes (Touvron et al. 2023, table 2); "30b" is the model released as 33B. Llama-3-8B: Meta's
+# released config.json (grouped-query attention with 8 KV heads, 128256-token vocabulary, untied head).
 _LLAMA = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
 PRESETS = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
     "llama-30b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52),
     "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      rope_theta=500000.0),
 }
 
 
@@ -68,7 +87,7 @@ def load_config(model: str):
     """A preset name (``llama-7b`` …) or a local ``config.json`` (or a folder holding one); never downloads."""
     from transformers import AutoConfig, LlamaConfig
     if model in PRESETS:
-        return LlamaConfig(**_LLAMA, **PRESETS[model])
+        return LlamaConfig(**{**_LLAMA, **PRESETS[model]})
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     if not os.path.isfile(path):
         raise ValueError(f"model must be one of {sorted(PRESETS)} or a path to a config.json, got {model!r}")
@@ -104,26 +123,34 @@ _MEASURED: dict[tuple, tuple] = {}  # (config json, step settings) -> _measure's
 
 
 def _measure(config, *settings):
-    key = (config.to_json_string(), settings)
+    key = (config.to_json_string(), tuple(astuple(x) if is_dataclass(x) else x for x in settings))
     if key not in _MEASURED:
         _MEASURED[key] = _measure_uncached(config, *settings)
     return _MEASURED[key]
 
 
-def _measure_uncached(config, method, dtype, batch_size, seq_len, checkpointing, clip_grad_norm, attn, backend):
-    """Split at the peak of the second of two steps on the fake model; gathered-layer bytes; parameter count."""
+def _measure_uncached(config, dtype, batch_size, seq_len, checkpointing, attn, step: StepConfig):
+    """Split at the peak of the second of two steps (HiFT: cycles) on the fake model; gathered-layer bytes;
+    parameter count (of the model as built: LoRA's adapters not included); host and setup peaks."""
     tracker = MemoryTracker()
     with FakeTensorMode(allow_non_fake_inputs=False), _DataFreeAnswers():
         net = build_model(config, DTYPES[dtype], checkpointing, attn)
+        n_params = sum(p.numel() for p in net.parameters())
+        gathered = largest_block_bytes(net)
         ids = torch.randint(0, config.vocab_size, (batch_size, seq_len))
         batch = {"input_ids": ids, "labels": ids}
         with tracker:
             tracker.adopt(batch.values(), "other")
-            trainer = Trainer(net, StepConfig(method, clip_grad_norm=clip_grad_norm, backend=backend), tracker)
-            trainer.step(batch)  # the first step creates the optimizer state
+            trainer = Trainer(net, step, tracker)
+            for _ in range(trainer.steps_per_cycle):
+                trainer.step(batch)  # the first step (cycle) creates the optimizer state
+            setup_peak = tracker.report().peak_bytes
             tracker.reset_peak()
-            trainer.step(batch)
-        return tracker.report().at_peak, largest_block_bytes(net), sum(p.numel() for p in net.parameters())
+            for _ in range(trainer.steps_per_cycle):
+                trainer.step(batch)
+        report = tracker.report()
+        extra = {"host_peak": report.host_peak, "setup_peak": setup_peak}
+        return report.at_peak, gathered, n_params, extra
 
 
 def largest_block_bytes(model: nn.Module) -> int:
@@ -138,8 +165,9 @@ def largest_block_bytes(model: nn.Module) -> int:
 class _DataFreeAnswers(TorchDispatchMode):
     """Answers for the ops whose result depends on data, which fake tensors do not have.
 
-    A value read (``.item()``, ``bool(t)``, ``tolist``) is 0 / False; ``unique`` and ``nonzero`` are
-    sized for the worst case (every element distinct / non-zero), an upper bound on their memory.
+    A value read (``.item()``, ``bool(t)``, ``tolist``) is 0 / False; ``unique``, ``unique_consecutive``
+    (AdaLomo's embedding rows) and ``nonzero`` are sized for the worst case (every element distinct /
+    non-zero), an upper bound on their memory.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -150,6 +178,16 @@ class _DataFreeAnswers(TorchDispatchMode):
         if func is aten._unique2.default:
             x = args[0]
             flags = dict(zip(("sorted", "return_inverse", "return_counts"), args[1:])) | (kwargs or {})
+            inverse_shape = x.shape if flags.get("return_inverse") else (0,)
+            counts_shape = (x.numel(),) if flags.get("return_counts") else (0,)
+            return (torch.empty(x.numel(), dtype=x.dtype, device=x.device),
+                    torch.empty(inverse_shape, dtype=torch.int64, device=x.device),
+                    torch.empty(counts_shape, dtype=torch.int64, device=x.device))
+        if func is aten.unique_consecutive.default:
+            x = args[0]
+            flags = dict(zip(("return_inverse", "return_counts", "dim"), args[1:])) | (kwargs or {})
+            if flags.get("dim") is not None:
+                return func(*args, **(kwargs or {}))  # not data-free either: let fake tensors say so
             inverse_shape = x.shape if flags.get("return_inverse") else (0,)
             counts_shape = (x.numel(),) if flags.get("return_counts") else (0,)
             return (torch.empty(x.numel(), dtype=x.dtype, device=x.device),
@@ -182,6 +220,10 @@ class PlanResult:
     notes: list[str] = field(default_factory=list)
     # --sample-layers: relative error of the extrapolated total, measured at 3x the sampled depth
     extrapolation_error: float | None = None
+    host_bytes: int = 0              # host memory the method keeps (HiFT's offloaded state), not in the total
+    setup_peak_bytes: int = 0        # peak before the measured step: construction and the warm-up step(s)
+    options: dict = field(default_factory=dict)  # the method's options (apollo_rank, lora_rank, hift_group_size,
+    #                                              fused_cross_entropy) as planned
 
     @property
     def total_bytes(self) -> int:
@@ -200,6 +242,7 @@ class PlanResult:
                "seq": self.seq_len, "ckpt": self.checkpointing, "world": self.world_size}
         out.update({c: round(self.per_gpu[c] / GiB, 2) for c in _SHOWN})
         out["total_gib"] = round(self.total_gib, 2)
+        out["host_gib"] = round(self.host_bytes / GiB, 2)
         if self.gpu_gib is not None:
             out["fits"] = f"{'yes' if self.fits else 'no'} ({self.gpu_gib:g} GiB)"
         return out
@@ -208,48 +251,72 @@ class PlanResult:
 def plan(model: str = "llama-7b", method: str = "lomo", dtype: str = "fp16", batch_size: int = 1,
          seq_len: int = 512, checkpointing: bool = True, world_size: int = 1, clip_grad_norm: float | None = None,
          gpu_gib: float | None = None, attn: str = "sdpa", backend: str = "auto",
-         sample_layers: int | None = None) -> PlanResult:
+         sample_layers: int | None = None, *, apollo_rank: int | None = None, lora_rank: int = DEFAULT_LORA_RANK,
+         hift_group_size: int = 1, fused_cross_entropy: bool | None = None) -> PlanResult:
     """Peak memory per GPU of one steady-state training step; see the module docstring.
 
     ``sample_layers``: run the step at that many layers and twice as many, and extrapolate linearly to
-    the model's depth (exact when every layer is alike; ~10x faster for the big presets)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    the model's depth (exact when every layer is alike; ~10x faster for the big presets).
+    ``apollo_rank`` (apollo, apollo-torch: 256; apollo-mini: 1), ``lora_rank`` (lora), ``hift_group_size``
+    (decoder layers per HiFT group): the methods' options, ignored by the other methods.
+    ``fused_cross_entropy``: passed to lomo_kernels' fused optimizers (None: their default); True is
+    refused for methods that compute the loss from the logits."""
+    if method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     for label, v in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{label} must be a positive integer, got {v!r}")
-    config = load_config(model)
     notes = []
     if method == "lomo-optim" and dtype == "fp16" and clip_grad_norm is None:
         clip_grad_norm = 1.0  # lomo-optim 0.1.1 forces it for fp16 (its loss scaler needs the norm pass)
         notes.append("lomo-optim with fp16 requires norm clipping; clip_grad_norm=1.0 (its own default)")
+    step = StepConfig(method, clip_grad_norm=clip_grad_norm, backend=backend, apollo_rank=apollo_rank,
+                      lora_rank=lora_rank, hift_group_size=hift_group_size, fused_cross_entropy=fused_cross_entropy)
+    config = load_config(model)
     layers = config.num_hidden_layers
     if sample_layers is not None and not (isinstance(sample_layers, int) and 1 <= 2 * sample_layers <= layers):
         raise ValueError(f"sample_layers must be an int in [1, {layers // 2}] for a model of {layers} layers, "
                          f"got {sample_layers!r}")
     if gpu_gib is not None and not (isinstance(gpu_gib, (int, float)) and math.isfinite(gpu_gib) and gpu_gib > 0):
         raise ValueError(f"gpu_gib must be a positive number of GiB, got {gpu_gib!r}")
-    if method == "lomo-optim" and not has_lomo_optim():
-        raise ValueError(LOMO_OPTIM_MISSING)
+    missing = _missing_message(method)
+    if missing is not None:
+        raise ValueError(missing)
+    if method in HIFT_METHODS:
+        if world_size > 1:
+            raise ValueError(f"world_size must be 1 for {method}: HiFT supports an optimizer that applies its own "
+                             "updates only (no ZeRO-3)")
+        if hift_group_size > layers:
+            raise ValueError(f"hift_group_size must be between 1 and the number of decoder layers ({layers}), "
+                             f"got {hift_group_size}")
+        if sample_layers is not None and hift_group_size > sample_layers:
+            raise ValueError(f"sample_layers ({sample_layers}) must be at least hift_group_size ({hift_group_size}): "
+                             "the sampled model needs whole groups")
+    options = {k: v for k, v in (("apollo_rank", step.rank), ("lora_rank", lora_rank if method == "lora" else None),
+                                 ("hift_group_size", hift_group_size if method in HIFT_METHODS else None),
+                                 ("fused_cross_entropy", fused_cross_entropy)) if v is not None}
     extrapolation_error = None
-    settings = (method, dtype, batch_size, seq_len, checkpointing, clip_grad_norm, attn, backend)
+    settings = (dtype, batch_size, seq_len, checkpointing, attn, step)
     if sample_layers is None or 2 * sample_layers == layers:
-        measured, gathered, n_params = _measure(config, *settings)
+        measured, gathered, n_params, extra = _measure(config, *settings)
     else:
         # Every category is affine in the layer count when every layer is alike and the peak stays at
         # the same point of the step: measure two depths and extrapolate; a third depth (3N, when the
         # model has that many layers) measures how far off the straight line is.
         small, big = (_measure(_with_layers(config, k * sample_layers), *settings) for k in (1, 2))
 
+        def line(a, b, to: int):
+            return round(a + (b - a) * (to - sample_layers) / sample_layers)
+
         def extrapolate(to: int) -> dict:
-            return {c: round(small[0][c] + (big[0][c] - small[0][c]) * (to - sample_layers) / sample_layers)
-                    for c in small[0]}
+            return {c: line(small[0][c], big[0][c], to) for c in small[0]}
 
         measured = extrapolate(layers)
         gathered = big[1]
         n_params = small[2] + (big[2] - small[2]) * (layers - sample_layers) // sample_layers
+        extra = {k: line(small[3][k], big[3][k], layers) for k in small[3]}
         check = 3 * sample_layers
         if check <= layers:
             actual = sum(_measure(_with_layers(config, check), *settings)[0].values())
@@ -273,8 +340,24 @@ def plan(model: str = "llama-7b", method: str = "lomo", dtype: str = "fp16", bat
     if world_size > 1:
         notes.append(f"ZeRO-3 over {world_size} ranks modelled arithmetically: {', '.join(sharded)} divided by "
                      f"{world_size}, plus one gathered layer")
+        if method in ("adamw", "apollo", "apollo-mini"):
+            notes.append(f"{method}: lomo_kernels' AdamW/Apollo have no ZeRO-3 integration yet (only Lomo and "
+                         "AdaLomo do); this row is the arithmetic alone")
+    if method in HIFT_METHODS:
+        notes.append(f"{method}: the peak of the worst group's step over a whole cycle; inactive groups' optimizer "
+                     "state on the host (host_gib), not in the total")
+    if method == "hift-adamw" and extra["setup_peak"] > sum(measured.values()):
+        notes.append(f"hift-adamw: constructing lomo_kernels.AdamW allocates every group's moments on the device "
+                     f"before HiFT moves the inactive ones to the host: {extra['setup_peak'] / GiB:.2f} GiB at "
+                     "construction, above the step's peak")
+    if method == "apollo-torch" and dtype != "fp32":
+        notes.append("apollo-torch steps the 16-bit weights directly (no fp32 master), as its layer-wise examples")
+    if method == "lora":
+        notes.append(f"lora: rank {lora_rank} adapters (fp32) on every attention/MLP linear layer; n_params is the "
+                     "base model's")
     return PlanResult(model, method, dtype, batch_size, seq_len, checkpointing, world_size, clip_grad_norm, n_params,
-                      per_gpu, measured, gathered, gpu_gib, notes, extrapolation_error)
+                      per_gpu, measured, gathered, gpu_gib, notes, extrapolation_error,
+                      host_bytes=extra["host_peak"], setup_peak_bytes=extra["setup_peak"], options=options)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -293,7 +376,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama-7b",
                         help=f"a preset ({', '.join(PRESETS)}) or a path to a Hugging Face config.json")
     parser.add_argument("--method", default="lomo",
-                        help=f"one or more of {', '.join(METHODS)} (comma separated), or 'all'")
+                        help=f"one or more of {', '.join(ALL_METHODS)} (comma separated), or 'all' (every method "
+                             "this installation can run on the model)")
     parser.add_argument("--dtype", default="fp16", choices=tuple(DTYPES))
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -307,6 +391,15 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-layers", type=int, default=None,
                         help="measure at N and 2N layers and extrapolate to the model's depth (faster; warns "
                              "with the error measured at 3N layers; default: run the full depth)")
+    parser.add_argument("--apollo-rank", type=int, default=None,
+                        help="rank of apollo / apollo-torch (default 256) and apollo-mini (default 1)")
+    parser.add_argument("--lora-rank", type=int, default=DEFAULT_LORA_RANK,
+                        help=f"LoRA rank of the lora method (default {DEFAULT_LORA_RANK})")
+    parser.add_argument("--hift-group-size", type=int, default=1,
+                        help="decoder layers per HiFT group of hift-adamw / hift-torch-adamw (default 1)")
+    parser.add_argument("--fused-cross-entropy", action=argparse.BooleanOptionalAction, default=None,
+                        help="lomo_kernels' fused optimizers: compute the loss without logits (default: the "
+                             "optimizer's own default)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     from .recommend import add_recommend_arguments
     add_recommend_arguments(parser)
@@ -326,22 +419,42 @@ def run_plan(args: argparse.Namespace) -> int:
         from .recommend import run_recommend
         return run_recommend(args)
     skipped = []
-    if args.method == "all":
-        methods = METHODS
-        if not has_lomo_optim():  # `all` means every method this installation can run
-            methods = tuple(m for m in METHODS if m != "lomo-optim")
-            skipped.append(f"lomo-optim skipped: {LOMO_OPTIM_MISSING}")
+    everything = args.method == "all"
+    if everything:
+        methods = []
+        for m in ALL_METHODS:  # `all` means every method this installation can run
+            missing = _missing_message(m)
+            if missing is None:
+                methods.append(m)
+            else:
+                skipped.append(f"{m} skipped: {missing}")
+        if getattr(args, "fused_cross_entropy", None):  # only lomo_kernels' own optimizers take it
+            from .methods import OURS
+            methods = [m for m in methods if m in OURS]
     else:
         methods = tuple(m.strip() for m in args.method.split(","))
     if args.gpu_gib is not None and not (math.isfinite(args.gpu_gib) and args.gpu_gib > 0):
         print(f"error: --gpu-gib must be a positive number of GiB, got {args.gpu_gib}", file=sys.stderr)
         return EXIT_USAGE
+    options = dict(apollo_rank=getattr(args, "apollo_rank", None),
+                   lora_rank=getattr(args, "lora_rank", DEFAULT_LORA_RANK),
+                   hift_group_size=getattr(args, "hift_group_size", 1),
+                   fused_cross_entropy=getattr(args, "fused_cross_entropy", None))
+    results = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PlanExtrapolationWarning)  # printed below, once
-            results = [plan(args.model, m, args.dtype, args.batch_size, args.seq_len, args.checkpointing,
-                            args.world_size, args.clip_grad_norm, args.gpu_gib, args.attn,
-                            sample_layers=args.sample_layers) for m in methods]
+            for m in methods:
+                try:
+                    results.append(plan(args.model, m, args.dtype, args.batch_size, args.seq_len,
+                                        args.checkpointing, args.world_size, args.clip_grad_norm, args.gpu_gib,
+                                        args.attn, sample_layers=args.sample_layers, **options))
+                except ValueError as exc:
+                    # `all`: a method that cannot run on this model (a rank above its widths, a HiFT group
+                    # larger than the model, ZeRO-3 with HiFT) is skipped, saying why; named ones are errors
+                    if not everything or m in METHODS:
+                        raise
+                    skipped.append(f"{m} skipped: {exc}")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

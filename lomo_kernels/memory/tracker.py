@@ -15,6 +15,10 @@ Categories:
                      gradients, recomputed (checkpointed) layers, fp32 copies, kernel outputs
     other            buffers and inputs present before the step
 
+Besides these, ``host`` (``HOST``) counts storages allocated in ``phase(HOST)``: copies a method keeps in
+host memory (HiFT's offloaded optimizer state). They are tallied apart (``MemoryReport.host_peak``), never
+in the total or its peak, which are the accelerator's.
+
 A storage created during backward/update is provisionally a temporary; if it later turns out to be a
 gradient or optimizer state it is moved, and the breakdown recorded at the peak is corrected too.
 """
@@ -30,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_iter
 
 CATEGORIES = ("params", "grads", "optimizer_state", "activations", "temporaries", "other")
+HOST = "host"  # host memory: tallied, not part of the (device) total
 GiB = float(1 << 30)
 
 
@@ -48,6 +53,8 @@ class MemoryReport:
     peak_bytes: int
     at_peak: dict[str, int]
     final: dict[str, int] = field(default_factory=dict)  # live at the end, by category
+    host_peak: int = 0   # peak of the bytes in host memory (``HOST``), not in ``peak_bytes``
+    host_final: int = 0
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -58,6 +65,8 @@ class MemoryTracker(TorchDispatchMode):
         self._live: dict[int, _Record] = {}          # storage key (_cdata) -> record
         self._by_category = dict.fromkeys(CATEGORIES, 0)
         self._total = 0
+        self._host = 0
+        self._host_peak = 0
         self._uids = itertools.count()
         self._moved: dict[int, str] = {}             # uid -> category it was moved to
         self._default = ("other", False)
@@ -90,6 +99,10 @@ class MemoryTracker(TorchDispatchMode):
         self._add(rec.category, -rec.nbytes)
 
     def _add(self, category: str, delta: int) -> None:
+        if category == HOST:
+            self._host += delta
+            self._host_peak = max(self._host_peak, self._host)
+            return
         if delta < 0 and self._peak_dirty:
             self._snapshot()  # the peak is about to be left: remember what made it up
         self._by_category[category] += delta
@@ -149,6 +162,7 @@ class MemoryTracker(TorchDispatchMode):
     # --- results ----------------------------------------------------------------------------------
     def reset_peak(self) -> None:
         self._peak = self._total
+        self._host_peak = self._host
         self._snapshot()
 
     @property
@@ -164,7 +178,7 @@ class MemoryTracker(TorchDispatchMode):
             if moved is not None and moved != category:
                 split[category] -= nbytes
                 split[moved] += nbytes
-        return MemoryReport(self._peak, split, dict(self._by_category))
+        return MemoryReport(self._peak, split, dict(self._by_category), self._host_peak, self._host)
 
 
 def peak_bytes_profiled(fn) -> int:
