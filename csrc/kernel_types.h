@@ -34,6 +34,22 @@ inline Rule make_rule(double decay, double step, double inv_loss_scale, double c
               stochastic,                         mix32(static_cast<uint32_t>(seed))};
 }
 
+// The fp32 AdamRule the kernels consume, from the float64 scalars of adamw_update.AdamRule. The moments'
+// rounding seeds are derived from `seed` as AdamRule.seed_m / seed_v do (mix32(seed ^ constant)).
+inline AdamRule make_adam_rule(double decay, double step, double beta1, double beta2, double denom_div, double eps,
+                               double inv_loss_scale, double clip_value, double coef, bool stochastic,
+                               bool state_stochastic, int64_t seed) {
+  const uint32_t s = static_cast<uint32_t>(seed);
+  return AdamRule{static_cast<float>(decay),       static_cast<float>(-step),
+                  static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
+                  static_cast<float>(1.0 - beta2), static_cast<float>(denom_div),
+                  static_cast<float>(eps),         static_cast<float>(inv_loss_scale),
+                  static_cast<float>(clip_value),  static_cast<float>(coef),
+                  stochastic,                      state_stochastic,
+                  mix32(s),                        mix32(mix32(s ^ 0x6D6D6D6Du)),
+                  mix32(mix32(s ^ 0x76767676u))};
+}
+
 // Tokens of an embedding batch grouped by row (from a stable sort of the indices): group k updates
 // row rows[k] with the sum, in token order, of grad_out rows order[starts[k]] .. order[starts[k+1]-1].
 // rows is sorted ascending and unique. The padding row takes no gradient and counts as untouched.

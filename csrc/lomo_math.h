@@ -66,6 +66,31 @@ LOMO_HD float div_rn(float a, float b) {
 #endif
 }
 
+LOMO_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// a*b + c rounded once (torch's CPU lerp and addcmul kernels use fused multiply-adds).
+LOMO_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+
+LOMO_HD float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return __builtin_sqrtf(a);
+#endif
+}
+
 // Bit tests rather than std::isnan/isfinite: identical on host and device, immune to -ffast-math.
 LOMO_HD bool is_nan(float f) { return (float_bits(f) & 0x7fffffffu) > 0x7f800000u; }
 LOMO_HD bool is_finite(float f) { return (float_bits(f) & 0x7f800000u) != 0x7f800000u; }
@@ -221,6 +246,64 @@ LOMO_HD bool update_element(T* w, float g, uint64_t flat_index, const Rule& rule
   const bool ok = stored_finite(v);
   *w = ok ? v : old;
   return !ok;
+}
+
+// ---- the AdamW rule (lomo_kernels.ops.adamw_update) ----------------------------------------------
+
+// The fp32 scalars of one AdamW step (AdamRule in adamw_update.py, each double rounded to float once,
+// as torch does for a Python scalar). lerp_weight = float(1 - beta1), as torch's lerp receives it.
+struct AdamRule {
+  float decay, neg_step, lerp_weight, beta2, one_minus_beta2, denom_div, eps, inv_loss_scale, clip_value, coef;
+  bool stochastic, state_stochastic;
+  uint32_t seed_hash_w, seed_hash_m, seed_hash_v;  // mix32 of the weight's, m's and v's rounding seeds
+};
+
+// New fp32 values of one element, in the torch reference's order of operations (reference_adamw.py,
+// whose torch CPU kernels were checked to round this way: lerp and addcmul as one fused multiply-add,
+// addcdiv as (value*m)/denom added to w):
+//   g = coef · clamp(g_raw · inv_loss_scale, ±clip)
+//   m = lerp(m, g, w1) = w1 < 0.5 ? fma(w1, g-m, m) : fma(w1-1, g-m, g)
+//   v = fma((1-β2)·g, g, v·β2)
+//   w = w·decay + (-step·m) / (√v / denom_div + eps)
+struct AdamValues {
+  float w, m, v;
+};
+
+LOMO_HD AdamValues adam_values(float w, float m, float v, float g_raw, const AdamRule& r) {
+  const float g = mul_rn(clamp_nan(mul_rn(g_raw, r.inv_loss_scale), r.clip_value), r.coef);
+  const float diff = sub_rn(g, m);
+  const bool small = abs_f(r.lerp_weight) < 0.5f;
+  const float m1 = small ? fma_rn(r.lerp_weight, diff, m) : fma_rn(sub_rn(r.lerp_weight, 1.0f), diff, g);
+  const float v1 = fma_rn(mul_rn(r.one_minus_beta2, g), g, mul_rn(v, r.beta2));
+  float denom = sqrt_rn(v1);
+  if (r.denom_div != 1.0f) denom = div_rn(denom, r.denom_div);
+  denom = add_rn(denom, r.eps);
+  const float w1 = add_rn(mul_rn(w, r.decay), div_rn(mul_rn(r.neg_step, m1), denom));
+  return AdamValues{w1, m1, v1};
+}
+
+// v rounded into a moment's or weight's dtype (fp32: as is) with the given seed's stochastic rounding.
+LOMO_HD float rounded_as(float v, uint64_t, bool, uint32_t, float) { return v; }
+
+template <class T>
+LOMO_HD T rounded_as(float v, uint64_t flat_index, bool stochastic, uint32_t seed_hash, T) {
+  return stochastic ? round_stochastic<T>(v, uniform_from_index(flat_index, seed_hash)) : round_nearest(v, T{});
+}
+
+// One AdamW element in place: weight W (fp32/bf16/fp16), moments S (fp32/bf16), fp32 gradient entry.
+// The non-finite guard: when the new w, m or v, rounded into its dtype, is not finite, all three keep
+// their old bits and the function returns true (the caller counts the element); else false.
+template <class W, class S>
+LOMO_HD bool adam_element(W* w, S* m, S* v, float g, uint64_t flat_index, const AdamRule& r) {
+  const AdamValues nv = adam_values(to_float(*w), to_float(*m), to_float(*v), g, r);
+  const W w_out = rounded_as(nv.w, flat_index, r.stochastic, r.seed_hash_w, W{});
+  const S m_out = rounded_as(nv.m, flat_index, r.state_stochastic, r.seed_hash_m, S{});
+  const S v_out = rounded_as(nv.v, flat_index, r.state_stochastic, r.seed_hash_v, S{});
+  if (!(stored_finite(w_out) && stored_finite(m_out) && stored_finite(v_out))) return true;
+  *w = w_out;
+  *m = m_out;
+  *v = v_out;
+  return false;
 }
 
 }  // namespace lomo

@@ -108,8 +108,10 @@ def test_apollo_mini_defaults():
 
 
 def test_no_weight_sized_tensor_for_projected_weights():
+    # every projected weight (k/v_proj 1024x512 the smallest, 2 MiB) is larger than the reference's
+    # gradient blocks (CHUNK_ELEMENTS fp32 = 1 MiB): the guarded update in partial mode runs in blocks
     torch.manual_seed(0)
-    model = tiny_llama(vocab_size=64, hidden_size=256, intermediate_size=2048, layers=1)
+    model = tiny_llama(vocab_size=64, hidden_size=1024, intermediate_size=2048, layers=1)
     ids = torch.randint(0, 64, (1, 8))
     opt = lk.Apollo(model, lr=1e-3, rank=8, backend="torch")
     smallest_projected = min(dict(model.named_parameters())[n].numel() * 4 for n in opt.projected_names)

@@ -5,8 +5,9 @@ ATen's GEMM) and, in a CUDA build, a CUDA kernel; torch's dispatcher picks the o
 tensors' device. The CUDA kernels run on the stream passed here (the current torch stream of the
 weight's device), because the torch ``_C`` is built against may have no CUDA support of its own.
 
-The six functions take the same arguments as ``lomo_kernels.kernels.reference``, already checked and
-flattened by ``lomo_kernels.ops``.
+The update and norm functions take the same arguments as ``lomo_kernels.kernels.reference``, the
+``adamw_*`` ones those of ``lomo_kernels.kernels.reference_adamw``, already checked and flattened by
+``lomo_kernels.ops``.
 """
 from __future__ import annotations
 
@@ -113,3 +114,25 @@ def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule, nonfinite: 
 
 def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: float) -> None:
     _ops().dense_grad_sqnorm(stats, g, inv_loss_scale, _stream(stats))
+
+
+# --- AdamW (lomo_kernels.ops.adamw_update; csrc/cpu/adamw.cpp, csrc/cuda/adamw.cu) -----------------------
+
+def _adam_args(rule) -> tuple:
+    return (rule.decay, rule.step, rule.beta1, rule.beta2, rule.denom_div, rule.eps, rule.inv_loss_scale,
+            rule.clip_value, rule.coef, rule.stochastic, rule.state_stochastic, rule.seed)
+
+
+def adamw_linear_update(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule,
+                        nonfinite: torch.Tensor | None = None) -> None:
+    _ops().adamw_linear_update(w, m, v, x, dy, *_adam_args(rule), nonfinite, _stream(w))
+
+
+def adamw_embedding_update(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor,
+                           padding_idx: int, rule, nonfinite: torch.Tensor | None = None) -> None:
+    _ops().adamw_embedding_update(w, m, v, idx, dy, padding_idx, *_adam_args(rule), nonfinite, _stream(w))
+
+
+def adamw_dense_update(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rule,
+                       nonfinite: torch.Tensor | None = None) -> None:
+    _ops().adamw_dense_update(p, m, v, g, *_adam_args(rule), nonfinite, _stream(p))

@@ -3,7 +3,8 @@
 One kernel per call: each program owns a [BLOCK_OUT, BLOCK_IN] tile of W, accumulates that tile of
 ``G = dyᵀx`` in fp32 registers over the tokens (the GEMM loop of ``triton_update._linear_kernel``), then
 in its epilogue loads the matching tiles of ``m``, ``v`` and ``W``, applies the AdamW rule and stores all
-three: the gradient never leaves the registers. Rounding of bf16/fp16 weights and of bf16 state uses the
+three (an element whose new ``w``, ``m`` or ``v`` is not finite keeps all three, counted into the
+optional ``nonfinite`` counter): the gradient never leaves the registers. Rounding of bf16/fp16 weights and of bf16 state uses the
 shared counter-based stochastic rounding (``triton_update._round_stochastic``).
 
 Embedding and dense AdamW updates use the torch reference on the same device (small or token-sized).
@@ -18,25 +19,29 @@ import triton.language as tl
 
 from ..ops._common import mix32_int
 from . import reference_adamw
-from .triton_update import INTERPRETED, _NO_FMA, _check_device, _gemm_config, _round_nearest, _round_stochastic, _widen
+from ._triton_device import device_guard
+from .triton_update import (INTERPRETED, _NO_FMA, _check_device, _gemm_config, _is_finite, _round_nearest,
+                            _round_stochastic, _widen)
 
 
 @triton.jit
-def _store_rounded(ptrs, value, flat_index, seed_mix, mask, STOCHASTIC: tl.constexpr):
-    if ptrs.dtype.element_ty == tl.float32:
-        tl.store(ptrs, value, mask=mask)
+def _rounded(value, flat_index, seed_mix, dtype: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """fp32 ``value`` rounded into ``dtype`` (fp32: as is)."""
+    if dtype == tl.float32:
+        return value
     elif STOCHASTIC:
-        tl.store(ptrs, _round_stochastic(value, flat_index, seed_mix, ptrs.dtype.element_ty), mask=mask)
+        return _round_stochastic(value, flat_index, seed_mix, dtype)
     else:
-        tl.store(ptrs, _round_nearest(value, ptrs.dtype.element_ty), mask=mask)
+        return _round_nearest(value, dtype)
 
 
 @triton.jit(do_not_specialize=["seed_w", "seed_m", "seed_v"])
-def _adamw_linear_kernel(w_ptr, m_ptr, v_ptr, x_ptr, dy_ptr, tokens, out_features, in_features,
+def _adamw_linear_kernel(w_ptr, m_ptr, v_ptr, x_ptr, dy_ptr, count_ptr, tokens, out_features, in_features,
                          stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
-                         decay, step, beta1, beta2, denom_div, eps, inv_loss_scale, clip_value, coef,
-                         seed_w, seed_m, seed_v,
-                         STOCHASTIC: tl.constexpr, STATE_STOCHASTIC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                         decay, step, lerp_weight, beta2, one_minus_beta2, denom_div, eps, inv_loss_scale,
+                         clip_value, coef, seed_w, seed_m, seed_v,
+                         STOCHASTIC: tl.constexpr, STATE_STOCHASTIC: tl.constexpr, COUNT: tl.constexpr,
+                         DOT_IN_FP32: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
                          BLOCK_T: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_OUT
@@ -74,18 +79,30 @@ def _adamw_linear_kernel(w_ptr, m_ptr, v_ptr, x_ptr, dy_ptr, tokens, out_feature
     m = _widen(tl.load(m_ptr + base + offs, mask=mask, other=0.0))
     v = _widen(tl.load(v_ptr + base + offs, mask=mask, other=0.0))
     w = _widen(tl.load(w_ptr + base + offs, mask=mask, other=0.0))
-    weight = 1.0 - beta1
-    # torch.lerp's two formulas
-    m = tl.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1.0 - weight))
-    v = v * beta2 + (1.0 - beta2) * g * g
-    denom = tl.sqrt_rn(v) / denom_div + eps
-    w = w * decay - step * (m / denom)
-    _store_rounded(w_ptr + base + offs, w, flat_index, seed_w, mask, STOCHASTIC)
-    _store_rounded(m_ptr + base + offs, m, flat_index, seed_m, mask, STATE_STOCHASTIC)
-    _store_rounded(v_ptr + base + offs, v, flat_index, seed_v, mask, STATE_STOCHASTIC)
+    # torch's CPU kernels' rounding (reference_adamw): lerp and addcmul as one fused multiply-add each,
+    # addcdiv as (value*m)/denom added to w
+    # (lerp_weight = 1 - β1 and 1 - β2 are rounded to fp32 on the host, as torch rounds its scalars)
+    diff = g - m
+    m = tl.where(lerp_weight < 0.5, tl.fma(lerp_weight, diff, m), tl.fma(lerp_weight - 1.0, diff, g))
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+    denom = tl.sqrt_rn(v)
+    if denom_div != 1.0:
+        denom = denom / denom_div
+    denom = denom + eps
+    w = w * decay + (-step * m) / denom
+    w_out = _rounded(w, flat_index, seed_w, w_ptr.dtype.element_ty, STOCHASTIC)
+    m_out = _rounded(m, flat_index, seed_m, m_ptr.dtype.element_ty, STATE_STOCHASTIC)
+    v_out = _rounded(v, flat_index, seed_v, v_ptr.dtype.element_ty, STATE_STOCHASTIC)
+    # the non-finite guard: an element whose new w, m or v is not finite keeps all three old values
+    ok = _is_finite(_widen(w_out)) & _is_finite(_widen(m_out)) & _is_finite(_widen(v_out))
+    tl.store(w_ptr + base + offs, w_out, mask=mask & ok)
+    tl.store(m_ptr + base + offs, m_out, mask=mask & ok)
+    tl.store(v_ptr + base + offs, v_out, mask=mask & ok)
+    if COUNT:
+        tl.atomic_add(count_ptr, tl.sum(tl.where(mask & ~ok, 1, 0).to(tl.int64)))
 
 
-def adamw_linear_update(w, m, v, x, dy, rule) -> None:
+def adamw_linear_update(w, m, v, x, dy, rule, nonfinite=None) -> None:
     _check_device(x)
     tokens, in_features = x.shape
     out_features = dy.shape[1]
@@ -95,13 +112,16 @@ def adamw_linear_update(w, m, v, x, dy, rule) -> None:
     fp32_operands = dot_in_fp32 or x.dtype == torch.float32
     cfg = _gemm_config(x.dtype)
     grid = (triton.cdiv(out_features, cfg["BLOCK_OUT"]), triton.cdiv(in_features, cfg["BLOCK_IN"]))
-    _adamw_linear_kernel[grid](
-        w, m, v, x, dy, tokens, out_features, in_features, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        rule.decay, rule.step, rule.beta1, rule.beta2, rule.denom_div, rule.eps, rule.inv_loss_scale,
-        rule.clip_value, rule.coef, mix32_int(rule.seed), mix32_int(rule.seed_m), mix32_int(rule.seed_v),
-        STOCHASTIC=rule.stochastic and w.dtype != torch.float32,
-        STATE_STOCHASTIC=rule.state_stochastic and m.dtype != torch.float32, DOT_IN_FP32=dot_in_fp32,
-        DOT_PRECISION="ieee" if fp32_operands else "tf32", **cfg, **_NO_FMA)
+    with device_guard(w.device):  # the launch runs on the tensors' device and its current stream
+        _adamw_linear_kernel[grid](
+            w, m, v, x, dy, w if nonfinite is None else nonfinite, tokens, out_features, in_features,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+            rule.decay, rule.step, 1.0 - rule.beta1, rule.beta2, 1.0 - rule.beta2, rule.denom_div, rule.eps,
+            rule.inv_loss_scale, rule.clip_value, rule.coef,
+            mix32_int(rule.seed), mix32_int(rule.seed_m), mix32_int(rule.seed_v),
+            STOCHASTIC=rule.stochastic and w.dtype != torch.float32,
+            STATE_STOCHASTIC=rule.state_stochastic and m.dtype != torch.float32, COUNT=nonfinite is not None,
+            DOT_IN_FP32=dot_in_fp32, DOT_PRECISION="ieee" if fp32_operands else "tf32", **cfg, **_NO_FMA)
 
 
 adamw_embedding_update = reference_adamw.adamw_embedding_update

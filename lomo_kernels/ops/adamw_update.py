@@ -19,20 +19,26 @@ State dtypes: ``m``, ``v`` are float32 or bfloat16; bf16 state is rounded stocha
 ``mix32(seed ^ 0x6D6D6D6D)`` for ``m`` and ``mix32(seed ^ 0x76767676)`` for ``v`` (``seed`` itself
 rounds the weight), the flat index being the element's index in the weight.
 
-Backends: ``torch`` (``lomo_kernels.kernels.reference_adamw``) implements all three; the ``triton``
-backend has its own linear kernel (``kernels.triton_adamw``). The compiled ``cpu``/``cuda`` backends
-have no AdamW kernels yet: their calls run the torch reference on the same device (block GEMMs
-through ATen, so still no weight-sized gradient).
+The non-finite guard (as every fused update, ``lomo_kernels.ops._common``): an element whose new ``w``,
+``m`` or ``v``, rounded into its dtype, is not finite keeps its old ``w``, ``m`` and ``v``; the ops add
+the number of such elements to the optional ``nonfinite`` counter (int64, shape (1,), on the weight's
+device; added to on the device, no host sync).
+
+Backends: ``torch`` (``lomo_kernels.kernels.reference_adamw``) implements all three; ``cpu`` and
+``cuda`` are the compiled kernels (``csrc/cpu/adamw.cpp``, ``csrc/cuda/adamw.cu``, the per-element
+math in ``csrc/lomo_math.h``); the ``triton`` backend has its own linear kernel
+(``kernels.triton_adamw``) and runs the reference for the embedding and dense updates.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from .. import backends
-from ._common import check_activation, check_update_scalars, check_weight, mix32_int, run_op
+from ._common import check_activation, check_counter, check_update_scalars, check_weight, mix32_int, run_op
 from .embedding_update import _flatten as _flatten_embedding
 from .linear_update import _flatten as _flatten_linear
 
@@ -119,8 +125,15 @@ def _module(backend: str, kind: str):
     if backend == "triton" and kind == "linear":
         from ..kernels import triton_adamw
         return triton_adamw
+    if backend in ("cpu", "cuda"):
+        from ..kernels import native
+        return native
     from ..kernels import reference_adamw
     return reference_adamw
+
+
+def _mutated(tensors: tuple, nonfinite):
+    return tensors + ((nonfinite,) if nonfinite is not None else ())
 
 
 # --- linear -------------------------------------------------------------------------------------------
@@ -128,33 +141,35 @@ def _module(backend: str, kind: str):
 def _linear_impl(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, x: torch.Tensor,
                  grad_out: torch.Tensor, decay: float, step: float, beta1: float, beta2: float, denom_div: float,
                  eps: float, inv_loss_scale: float, clip_value: float, coef: float, stochastic: bool,
-                 state_stochastic: bool, seed: int, backend: str) -> None:
+                 state_stochastic: bool, seed: int, nonfinite: Optional[torch.Tensor], backend: str) -> None:
     rule = AdamRule(decay, step, beta1, beta2, denom_div, eps, inv_loss_scale, clip_value, coef, stochastic,
                     state_stochastic, seed)
-    _module(backend, "linear").adamw_linear_update(weight, exp_avg, exp_avg_sq, x, grad_out, rule)
+    _module(backend, "linear").adamw_linear_update(weight, exp_avg, exp_avg_sq, x, grad_out, rule, nonfinite)
 
 
 _linear_op = torch.library.custom_op("lomo_kernels::adamw_linear_update_",
-                                     mutates_args=("weight", "exp_avg", "exp_avg_sq"))(_linear_impl)
+                                     mutates_args=("weight", "exp_avg", "exp_avg_sq", "nonfinite"))(_linear_impl)
 
 
 @_linear_op.register_fake
 def _(weight, exp_avg, exp_avg_sq, x, grad_out, decay, step, beta1, beta2, denom_div, eps, inv_loss_scale,
-      clip_value, coef, stochastic, state_stochastic, seed, backend):
+      clip_value, coef, stochastic, state_stochastic, seed, nonfinite, backend):
     return None
 
 
 def adamw_linear_update_(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, x: torch.Tensor,
                          grad_out: torch.Tensor, rule: AdamRule, *, backend: str = "auto",
-                         name: str = "weight") -> None:
+                         name: str = "weight", nonfinite: torch.Tensor | None = None) -> None:
     """AdamW step of ``weight`` [out, in] and its moments from ``x`` [..., in], ``grad_out`` [..., out]
-    of ``y = x Wᵀ``, without building ``dyᵀx``. Every check runs before anything is written."""
+    of ``y = x Wᵀ``, without building ``dyᵀx``. Every check runs before anything is written; elements the
+    non-finite guard keeps are counted into ``nonfinite``."""
     check_rule(rule, name)
     x2, dy2 = _flatten_linear(weight, x, grad_out, name)
     check_state(weight, exp_avg, exp_avg_sq, name)
+    check_counter(nonfinite, weight, name)
     chosen = backends.resolve(backend, weight.device)
-    run_op(_linear_op, _linear_impl, (weight, exp_avg, exp_avg_sq), weight, exp_avg, exp_avg_sq, x2, dy2,
-           *_rule_args(rule), chosen)
+    run_op(_linear_op, _linear_impl, _mutated((weight, exp_avg, exp_avg_sq), nonfinite), weight, exp_avg,
+           exp_avg_sq, x2, dy2, *_rule_args(rule), nonfinite, chosen)
 
 
 # --- embedding ----------------------------------------------------------------------------------------
@@ -162,34 +177,37 @@ def adamw_linear_update_(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq
 def _embedding_impl(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, indices: torch.Tensor,
                     grad_out: torch.Tensor, padding_idx: int, decay: float, step: float, beta1: float, beta2: float,
                     denom_div: float, eps: float, inv_loss_scale: float, clip_value: float, coef: float,
-                    stochastic: bool, state_stochastic: bool, seed: int, backend: str) -> None:
+                    stochastic: bool, state_stochastic: bool, seed: int, nonfinite: Optional[torch.Tensor],
+                    backend: str) -> None:
     rule = AdamRule(decay, step, beta1, beta2, denom_div, eps, inv_loss_scale, clip_value, coef, stochastic,
                     state_stochastic, seed)
     _module(backend, "embedding").adamw_embedding_update(weight, exp_avg, exp_avg_sq, indices, grad_out,
-                                                         padding_idx, rule)
+                                                         padding_idx, rule, nonfinite)
 
 
 _embedding_op = torch.library.custom_op("lomo_kernels::adamw_embedding_update_",
-                                        mutates_args=("weight", "exp_avg", "exp_avg_sq"))(_embedding_impl)
+                                        mutates_args=("weight", "exp_avg", "exp_avg_sq", "nonfinite"))(_embedding_impl)
 
 
 @_embedding_op.register_fake
 def _(weight, exp_avg, exp_avg_sq, indices, grad_out, padding_idx, decay, step, beta1, beta2, denom_div, eps,
-      inv_loss_scale, clip_value, coef, stochastic, state_stochastic, seed, backend):
+      inv_loss_scale, clip_value, coef, stochastic, state_stochastic, seed, nonfinite, backend):
     return None
 
 
 def adamw_embedding_update_(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                             indices: torch.Tensor, grad_out: torch.Tensor, rule: AdamRule, *,
-                            padding_idx: int | None = None, backend: str = "auto", name: str = "weight") -> None:
+                            padding_idx: int | None = None, backend: str = "auto", name: str = "weight",
+                            nonfinite: torch.Tensor | None = None) -> None:
     """The dense AdamW step of an embedding ``weight`` [V, D] whose gradient is the scatter of
     ``grad_out`` [*indices.shape, D] (rows not touched still move, as with torch's dense gradient)."""
     check_rule(rule, name)
     idx, dy, pad = _flatten_embedding(weight, indices, grad_out, padding_idx, name)
     check_state(weight, exp_avg, exp_avg_sq, name)
+    check_counter(nonfinite, weight, name)
     chosen = backends.resolve(backend, weight.device)
-    run_op(_embedding_op, _embedding_impl, (weight, exp_avg, exp_avg_sq), weight, exp_avg, exp_avg_sq, idx, dy, pad,
-           *_rule_args(rule), chosen)
+    run_op(_embedding_op, _embedding_impl, _mutated((weight, exp_avg, exp_avg_sq), nonfinite), weight, exp_avg,
+           exp_avg_sq, idx, dy, pad, *_rule_args(rule), nonfinite, chosen)
 
 
 # --- dense --------------------------------------------------------------------------------------------
@@ -197,25 +215,26 @@ def adamw_embedding_update_(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg
 def _dense_impl(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
                 decay: float, step: float, beta1: float, beta2: float, denom_div: float, eps: float,
                 inv_loss_scale: float, clip_value: float, coef: float, stochastic: bool, state_stochastic: bool,
-                seed: int, backend: str) -> None:
+                seed: int, nonfinite: Optional[torch.Tensor], backend: str) -> None:
     rule = AdamRule(decay, step, beta1, beta2, denom_div, eps, inv_loss_scale, clip_value, coef, stochastic,
                     state_stochastic, seed)
     _module(backend, "dense").adamw_dense_update(param.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1),
-                                                 grad.view(-1), rule)
+                                                 grad.view(-1), rule, nonfinite)
 
 
 _dense_op = torch.library.custom_op("lomo_kernels::adamw_dense_update_",
-                                    mutates_args=("param", "exp_avg", "exp_avg_sq"))(_dense_impl)
+                                    mutates_args=("param", "exp_avg", "exp_avg_sq", "nonfinite"))(_dense_impl)
 
 
 @_dense_op.register_fake
 def _(param, exp_avg, exp_avg_sq, grad, decay, step, beta1, beta2, denom_div, eps, inv_loss_scale, clip_value, coef,
-      stochastic, state_stochastic, seed, backend):
+      stochastic, state_stochastic, seed, nonfinite, backend):
     return None
 
 
 def adamw_dense_update_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
-                        rule: AdamRule, *, backend: str = "auto", name: str = "param") -> None:
+                        rule: AdamRule, *, backend: str = "auto", name: str = "param",
+                        nonfinite: torch.Tensor | None = None) -> None:
     """AdamW step of ``param`` and its moments from its gradient ``grad`` (same shape)."""
     check_rule(rule, name)
     check_weight(param, name)
@@ -223,6 +242,7 @@ def adamw_dense_update_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: 
     if grad.shape != param.shape:
         raise ValueError(f"{name}: grad shape {tuple(grad.shape)} does not match the parameter's {tuple(param.shape)}")
     check_state(param, exp_avg, exp_avg_sq, name)
+    check_counter(nonfinite, param, name)
     chosen = backends.resolve(backend, param.device)
-    run_op(_dense_op, _dense_impl, (param, exp_avg, exp_avg_sq), param, exp_avg, exp_avg_sq, grad.contiguous(),
-           *_rule_args(rule), chosen)
+    run_op(_dense_op, _dense_impl, _mutated((param, exp_avg, exp_avg_sq), nonfinite), param, exp_avg, exp_avg_sq,
+           grad.contiguous(), *_rule_args(rule), nonfinite, chosen)

@@ -13,6 +13,10 @@ weight-sized tensors are ``m`` and ``v`` (``lomo_kernels.ops.adamw_update``). Em
 parameters get the same dense rule (rows a batch did not touch still move by ``m̂/(√v̂+ε)``).
 ``state_dtype=torch.bfloat16`` keeps ``m`` and ``v`` in bf16, rounded stochastically (reproducible for a
 given ``seed``); ``state_rounding="nearest"`` rounds them to nearest instead.
+
+Non-finite gradients (``on_nonfinite``, as ``Lomo``): in the default ``"partial"`` mode every element
+whose new weight, ``m`` or ``v`` would not be finite keeps all three old values and is counted
+(``last_nonfinite_updates``); ``"skip_step"`` / ``"raise"`` run a norm phase and change nothing.
 """
 from __future__ import annotations
 
@@ -115,16 +119,18 @@ class AdamW(LossScaledMixin, FusedOptimizer):
 
     def linear_apply(self, param, x, dy):
         m, v, name = self._moments(param)
-        adamw_ops.adamw_linear_update_(param, m, v, x, dy, self.adam_rule(param), backend=self.backend, name=name)
+        adamw_ops.adamw_linear_update_(param, m, v, x, dy, self.adam_rule(param), backend=self.backend, name=name,
+                                       nonfinite=self.nonfinite_counter(param))
 
     def embedding_apply(self, param, indices, dy, padding_idx):
         m, v, name = self._moments(param)
         adamw_ops.adamw_embedding_update_(param, m, v, indices, dy, self.adam_rule(param), padding_idx=padding_idx,
-                                          backend=self.backend, name=name)
+                                          backend=self.backend, name=name, nonfinite=self.nonfinite_counter(param))
 
     def dense_apply(self, param, grad):
         m, v, name = self._moments(param)
-        adamw_ops.adamw_dense_update_(param, m, v, grad, self.adam_rule(param), backend=self.backend, name=name)
+        adamw_ops.adamw_dense_update_(param, m, v, grad, self.adam_rule(param), backend=self.backend, name=name,
+                                      nonfinite=self.nonfinite_counter(param))
 
     # --- checkpoints ---------------------------------------------------------------------------------
 

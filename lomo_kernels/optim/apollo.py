@@ -24,6 +24,12 @@ the output embedding) run apollo-torch's own AdamW arithmetic with the fused Ada
 projected weights instead.
 
 Value clipping (``clip_grad_value``) is refused: ``clamp(G)·Pᵀ`` has no thin-GEMM form.
+
+Non-finite gradients (``on_nonfinite="partial"``, the default for fp32/bf16): every weight element whose
+update is not finite keeps its value and is counted (``last_nonfinite_updates``), as in ``AdamW``; in rank
+space, moments whose new value is not finite keep their old one, and a step whose limiter norm is not
+finite applies no limit and leaves the limiter's previous norm alone, so one bad batch cannot poison the
+layer's later steps.
 """
 from __future__ import annotations
 
@@ -160,8 +166,13 @@ class Apollo(AdamW):
         """``(row_scale, col_scale, k)``: ``W <- decay·(W - k · row_i · G_ij · col_j)``."""
         b1, b2 = self.betas
         t = self.step_count + 1
-        st.exp_avg.mul_(b1).add_(R, alpha=1.0 - b1)
-        st.exp_avg_sq.mul_(b2).addcmul_(R, R, value=1.0 - b2)
+        m = st.exp_avg.mul(b1).add_(R, alpha=1.0 - b1)
+        v = st.exp_avg_sq.mul(b2).addcmul_(R, R, value=1.0 - b2)
+        # the non-finite guard in rank space: an entry of R that is not finite leaves its moments alone
+        # (the weight elements it would reach get a non-finite update, which the weight's guard keeps)
+        ok = torch.isfinite(m) & torch.isfinite(v)
+        st.exp_avg.copy_(torch.where(ok, m, st.exp_avg))
+        st.exp_avg_sq.copy_(torch.where(ok, v, st.exp_avg_sq))
         norm_grad = st.exp_avg / st.exp_avg_sq.sqrt().add_(self.eps)
         step_size = self.lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
         if self.scale_type == "channel":
@@ -180,7 +191,9 @@ class Apollo(AdamW):
             else:
                 sq = (s.square() * col_sq).sum()
             norm = math.sqrt(float(sq) * front)
-            if st.prev_norm is not None:
+            if not math.isfinite(norm):
+                pass  # a non-finite gradient: no limit this step, and the limiter's state is kept
+            elif st.prev_norm is not None:
                 gamma = self.norm_growth_limit
                 limiter = max(norm / (st.prev_norm + 1e-8), gamma) / gamma
                 st.prev_norm = norm / limiter
@@ -229,7 +242,8 @@ class Apollo(AdamW):
         s, k = self._scale_and_multiplier(st, R, sq_sums)
         row, col, scalar = self._vectors(st, s, param.shape)
         adalomo_stats.adalomo_linear_update_(param, x, dy, row, col,
-                                             **self._update_args(param, k * scalar * self.clip_coef))
+                                             **self._update_args(param, k * scalar * self.clip_coef),
+                                             nonfinite=self.nonfinite_counter(param))
 
     @torch.no_grad()
     def dense_apply(self, param, grad):
@@ -245,7 +259,7 @@ class Apollo(AdamW):
         row, col, scalar = self._vectors(st, s, param.shape)
         args = self._update_args(param, k * scalar)
         args["loss_scale"] = 1.0
-        ops.dense_update_(param, g.mul_(row[:, None]).mul_(col), **args)
+        ops.dense_update_(param, g.mul_(row[:, None]).mul_(col), **args, nonfinite=self.nonfinite_counter(param))
 
     def embedding_apply(self, param, indices, dy, padding_idx):
         return super().embedding_apply(param, indices, dy, padding_idx)
