@@ -273,3 +273,91 @@ def test_partial_steps_reach_the_cli_summary():
     assert summary["numbers"]["partial_steps"] == 1
     assert summary["numbers"]["nonfinite_updates"] == info.nonfinite_updates
     assert f"1 ({info.nonfinite_updates} weight elements)" in summary["table"]
+
+
+# --- AdamW and Apollo (issue 10 item 1 for the adaptive rules) -------------------------------------------
+
+ADAPTIVE = {"adamw": lambda m, **kw: lk.AdamW(m, lr=0.01, weight_decay=0.1, **kw),
+            "apollo": lambda m, **kw: lk.Apollo(m, lr=0.01, rank=2, weight_decay=0.1, update_proj_gap=1, **kw)}
+
+
+def state_tensors(opt):
+    """Every per-parameter state tensor (moments, projectors, limiter seeds), by (name, key)."""
+    return {(n, k): t for n, e in opt.state_dict()["state"].items() for k, t in e.items() if k != "prev_norm"}
+
+
+def torch_adamw_bad_count(model, ids, value):
+    """Elements of (p, exp_avg, exp_avg_sq) torch.optim.AdamW's own step (same poisoned backward, same
+    settings) makes non-finite."""
+    import copy
+    ref = copy.deepcopy(model)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+    handle = poison_layer(ref, value)
+    ref(input_ids=ids, labels=ids).loss.backward()
+    handle.remove()
+    opt.step()
+    bad = 0
+    for p in ref.parameters():
+        st = opt.state[p]
+        bad += int((~(torch.isfinite(p.detach()) & torch.isfinite(st["exp_avg"])
+                      & torch.isfinite(st["exp_avg_sq"]))).sum())
+    return bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ADAPTIVE)
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_adaptive_partial_mode_keeps_and_counts_non_finite_updates(name, dtype, value):
+    torch.manual_seed(0)
+    model = tiny_llama().to(dtype)
+    ids = torch.randint(0, 97, (2, 9))
+    counts = {}
+    for backend in ["torch"] + COMPILED:
+        m = tiny_llama().to(dtype)
+        m.load_state_dict(model.state_dict())
+        opt = ADAPTIVE[name](m, backend=backend)
+        assert opt.on_nonfinite == "partial"
+        before = snapshot(m)
+        handle = poison_layer(m, value)
+        opt.fused_backward(m(input_ids=ids, labels=ids).loss, 0.01)
+        handle.remove()
+        assert not opt.skipped_step and opt.step_count == 1
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+        assert all(torch.isfinite(t).all() for t in state_tensors(opt).values() if t.is_floating_point())
+        unchanged_elements = sum(int((p == q).sum()) for p, q in zip(m.parameters(), before))
+        count = opt.last_nonfinite_updates
+        assert 0 < count <= unchanged_elements
+        if dtype == torch.float32:
+            # weight decay moves every finite element: exactly the guarded ones stayed
+            assert count == unchanged_elements
+        counts[backend] = count
+        # the state was not poisoned: a clean step counts nothing and moves every element again
+        before = snapshot(m)
+        opt.fused_backward(m(input_ids=ids, labels=ids).loss, 0.01)
+        assert opt.last_nonfinite_updates == 0 and opt.partial_steps == 1
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+        if dtype == torch.float32:
+            assert all(not torch.equal(p, q) for p, q in zip(m.parameters(), before))
+    if name == "adamw" and dtype == torch.float32:
+        assert counts["torch"] == torch_adamw_bad_count(model, ids, value)
+    assert len(set(counts.values())) == 1, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ADAPTIVE)
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_adaptive_skip_step_mode_changes_no_weight_and_no_state(name, dtype, value):
+    torch.manual_seed(0)
+    model = tiny_llama().to(dtype)
+    opt = ADAPTIVE[name](model, on_nonfinite="skip_step")
+    ids = torch.randint(0, 97, (2, 9))
+    opt.fused_backward(model(input_ids=ids, labels=ids).loss, 0.01)  # a clean step: the state is not zero
+    before, state = snapshot(model), {k: t.clone() for k, t in state_tensors(opt).items()}
+    handle = poison_layer(model, value)
+    opt.fused_backward(model(input_ids=ids, labels=ids).loss, 0.01)
+    handle.remove()
+    assert opt.skipped_step and opt.step_count == 1
+    assert unchanged(model, before)
+    after = state_tensors(opt)
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], t) for k, t in state.items())
