@@ -1,7 +1,7 @@
 """Every causal-LM architecture of the installed transformers, built tiny (tests/tiny_archs.py):
 
 (a) logits with a fused optimizer attached are bitwise the plain model's;
-(b) 3 fp32 Lomo steps (weight decay 0.1, global-norm clipping 1.0) equal torch.optim.SGD with
+(b) 3 fp32 Lomo steps (through the fused cross-entropy where it applies: ``fused_loss``) (weight decay 0.1, global-norm clipping 1.0) equal torch.optim.SGD with
     ``clip_grad_norm_``: every parameter within 1e-4 of the reference, relative to its update (an
     update below 1% of the model's largest per-entry RMS update is measured against that 1%: such
     parameters, e.g. attention key biases, have gradients that are float noise). Where a tiny model
@@ -115,8 +115,9 @@ def check_architecture(model_type: str) -> dict:
         return {"status": "skipped", "reason": str(err)}
     start = copy.deepcopy(model)  # before any forward: some models keep forward state that cannot be copied
     reference = sgd_reference_steps(start, batch, STEPS, LR, WD, CLIP)[-1]
-    first = model(**batch).logits.detach()
-    if not torch.equal(model(**batch).logits, first):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}  # a labelled held forward returns no logits
+    first = model(**inputs).logits.detach()
+    if not torch.equal(model(**inputs).logits, first):
         return {"status": "skipped", "reason": "the plain model's forward is not deterministic"}
     snapshot = _snapshot(model)
     unfused: list[str] = []
@@ -126,7 +127,7 @@ def check_architecture(model_type: str) -> dict:
         except ValueError as err:
             return _refused(model, snapshot, err)
         try:
-            held = model(**batch).logits
+            held = model(**inputs).logits
             break
         except lk.UnfusedUseError as err:
             opt.close()
@@ -144,7 +145,7 @@ def check_architecture(model_type: str) -> dict:
     errors = _update_errors(_params(model), reference, starts)
     worst = max(errors, key=errors.get)
     result = {"status": "ok", "reason": f"unfused={unfused}" if unfused else "", "lomo_err": errors[worst],
-              "lomo_worst": worst}
+              "lomo_worst": worst, "fused_loss": opt.fused_cross_entropy}
     if errors[worst] > TOL:
         # Some tiny models amplify float rounding over 3 steps: then the bar is the fp64 trajectory, which
         # ours must follow as closely as torch's own fp32 SGD does (within 4x of its distance).
