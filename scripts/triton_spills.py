@@ -8,7 +8,9 @@ integer specialization (1 -> constexpr, multiples of 16), pointer alignment, con
 real launch), then ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``. The PTX is run
 through the ``ptxas`` Triton uses, with Triton's flags and ``-v``, to read registers, stack frame and
 spill bytes per thread. (Triton's own ``CompiledKernel.n_spills`` is only filled in when a driver loads
-the binary, which needs a GPU.)
+the binary, which needs a GPU.) It also counts the float atomics in the PTX (``atom``/``red`` on f16, bf16,
+f32 or f64): there must be none, since their order changes from run to run (integer atomics, the
+non-finite counter's, are exact in any order and not counted).
 
 Must run without ``TRITON_INTERPRET=1`` (under the interpreter ``triton.jit`` returns interpreted
 functions that cannot be compiled): ``python scripts/triton_spills.py [--arch 86 90] [--json FILE]``.
@@ -91,7 +93,7 @@ def _launches(v: dict) -> list[tuple]:
 
     captured = []
     kernels = (tu._linear_kernel, tu._dense_kernel, tu._embedding_rows_kernel,
-               ta._sq_sums_kernel, ta._scaled_sqnorm_kernel, ta._update_kernel, ta._reduce_kernel)
+               tu._reduce_kernel, ta._sq_sums_kernel, ta._scaled_sqnorm_kernel, ta._update_kernel)
 
     def capture(kernel):
         def run(*args, grid, warmup, **kwargs):
@@ -161,6 +163,7 @@ def _compile_launch(kernel, args: tuple, kwargs: dict, arch: int):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+_FLOAT_ATOMIC = re.compile(r"\b(?:atom|red)(?:\.\w+)*\.(?:f16|bf16|f32|f64)(?:x2)?\b")
 _PTXAS_LINE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 
@@ -183,14 +186,15 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 
 def compile_variant(v: dict, arch: int) -> dict:
     t0 = time.perf_counter()
-    reports, shared = [], 0
+    reports, shared, float_atomics = [], 0, 0
     for kernel, args, kwargs in _launches(v):
         compiled = _compile_launch(kernel, args, kwargs, arch)
         reports.append(ptxas_report(compiled.asm["ptx"], arch))
         shared = max(shared, compiled.metadata.shared)
+        float_atomics += len(_FLOAT_ATOMIC.findall(compiled.asm["ptx"]))
     worst = {k: max(r[k] for r in reports) for k in reports[0]}
     return {"arch": f"sm_{arch}", "variant": variant_name(v), **worst, "shared_bytes": shared,
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "float_atomics": float_atomics, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def report(archs=ARCHS, kernels=None) -> list[dict]:
@@ -209,11 +213,13 @@ def main(argv=None) -> int:
     rows = report(args.arch, args.kernel)
     for r in rows:
         flag = "  SPILLS" if r["spill_store_bytes"] or r["spill_load_bytes"] or r["stack_bytes"] else ""
+        flag += "  FLOAT ATOMICS" if r["float_atomics"] else ""
         print(f"{r['arch']}  {r['variant']:<40} regs {r['registers']:>3}  stack {r['stack_bytes']:>5}  "
-              f"spill st/ld {r['spill_store_bytes']:>5}/{r['spill_load_bytes']:<5} {r['seconds']:>5.1f}s{flag}")
+              f"spill st/ld {r['spill_store_bytes']:>5}/{r['spill_load_bytes']:<5} "
+              f"float atomics {r['float_atomics']} {r['seconds']:>5.1f}s{flag}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 1 if any(r["spill_store_bytes"] or r["spill_load_bytes"] for r in rows) else 0
+    return 1 if any(r["spill_store_bytes"] or r["spill_load_bytes"] or r["float_atomics"] for r in rows) else 0
 
 
 if __name__ == "__main__":

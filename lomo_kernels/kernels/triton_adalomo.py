@@ -19,11 +19,14 @@ itself (decay, the fp32 update, nearest or counter-based stochastic rounding), s
 new weights are bit-identical to the reference's.
 
 No float atomics: the sums are run-to-run deterministic. Every tile writes its partial sums (its row
-sums, its column sums, its ``[sum, count]``) to a buffer of its own slots, then ``_reduce_kernel`` adds
+sums, its column sums, its ``[sum, count]``) to a buffer of its own slots, then ``triton_update._reduce_kernel`` adds
 the partials in a fixed order (chunks of partials in index order, a fixed-shape tree within a chunk) onto
 the outputs. The buffers are vector-sized, not weight-sized: ``(in / BLOCK_IN) · out + (out / BLOCK_OUT)
 · in`` floats for the sums (12 MiB for a 32000×4096 weight with 128×64 tiles, against its 250 MiB in
 bf16) and two floats per tile for the norms.
+
+The ``dyᵀx`` tile loop is ``triton_update._gemm_tile`` (shared with the plain fused linear kernel), and
+every launch runs under ``device_guard`` (the tensors' device and its current stream).
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors, for testing) bf16 operands are widened to fp32 before
 ``tl.dot`` (the interpreter's bf16 dot is wrong; the fp32 products of bf16 values are exact), as in
@@ -38,8 +41,9 @@ import triton
 import triton.language as tl
 
 from ..ops._common import UpdateRule
-from .triton_update import (INTERPRETED, _NO_FMA, _check_device, _finish_tile, _gemm_config, _is_finite,
-                            _rule_args, _widen)
+from ._triton_device import device_guard
+from .triton_update import (INTERPRETED, _NO_FMA, _check_device, _finish_tile, _gemm_launch, _gemm_tile,
+                            _is_finite, _reduce_into, _rule_args, _tile_coords)
 
 __all__ = ["adalomo_sq_sums", "adalomo_scaled_sqnorm", "adalomo_linear_update", "INTERPRETED"]
 
@@ -47,44 +51,9 @@ __all__ = ["adalomo_sq_sums", "adalomo_scaled_sqnorm", "adalomo_linear_update", 
 # --- device functions -----------------------------------------------------------------------------
 
 @triton.jit
-def _gemm_tile(x_ptr, dy_ptr, tokens, m0, n0, r, c, row_ok, col_ok,
-               stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
-               DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The fp32 tile ``G[m0 + r, n0 + c] = Σ_t dy[t, m0 + r] · x[t, n0 + c]`` (masked-off entries 0).
-
-    Addresses are a scalar 64-bit base plus 32-bit in-tile offsets, as in ``triton_update._linear_kernel``."""
-    dy_tile = dy_ptr + m0.to(tl.int64) * stride_dy_out + r[None, :] * stride_dy_out
-    x_tile = x_ptr + n0.to(tl.int64) * stride_x_in + c[None, :] * stride_x_in
-    acc = tl.zeros((BLOCK_OUT, BLOCK_IN), dtype=tl.float32)
-    for t0 in range(0, tokens, BLOCK_T):
-        tok = tl.arange(0, BLOCK_T)
-        tok_ok = tok < tokens - t0
-        t_off = tl.cast(t0, tl.int64)
-        dy = tl.load(dy_tile + t_off * stride_dy_tok + tok[:, None] * stride_dy_tok,
-                     mask=tok_ok[:, None] & row_ok[None, :], other=0.0)
-        x = tl.load(x_tile + t_off * stride_x_tok + tok[:, None] * stride_x_tok,
-                    mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_IN_FP32:
-            dy = _widen(dy)
-            x = _widen(x)
-        acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _clamp(u, clip_value):
     # Comparisons, not min/max, so a NaN passes through, as torch.clamp (and _finish_tile) do.
     return tl.where(u > clip_value, clip_value, tl.where(u < -clip_value, -clip_value, u))
-
-
-@triton.jit
-def _tile_coords(out_features, in_features, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_OUT
-    n0 = tl.program_id(1) * BLOCK_IN
-    r = tl.arange(0, BLOCK_OUT)
-    c = tl.arange(0, BLOCK_IN)
-    return m0, n0, r, c, r < out_features - m0, c < in_features - n0
 
 
 # --- kernels --------------------------------------------------------------------------------------
@@ -156,48 +125,7 @@ def _update_kernel(w_ptr, x_ptr, dy_ptr, row_scale_ptr, col_scale_ptr, count_ptr
                  decay, step, 1.0, no_clip, seed_mix, False, STOCHASTIC, count_ptr, COUNT)
 
 
-@triton.jit
-def _reduce_kernel(part_ptr, out_ptr, n_parts, n, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``out[k] += Σ_p part[p, k]`` (``part`` [n_parts, n] contiguous fp32), in a fixed order: chunks of
-    ``BLOCK_P`` partials in index order, each summed by ``tl.sum``'s fixed tree. No atomics."""
-    k = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = k < n
-    p = tl.arange(0, BLOCK_P)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for p0 in range(0, n_parts, BLOCK_P):
-        rows = p0 + p
-        tile = tl.load(part_ptr + rows[:, None].to(tl.int64) * n + k[None, :],
-                       mask=(rows < n_parts)[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(tile, axis=0)
-    tl.store(out_ptr + k, tl.load(out_ptr + k, mask=k_ok) + acc, mask=k_ok)
-
-
 # --- launches -------------------------------------------------------------------------------------
-
-_REDUCE_TILE = 4096  # partials loaded per reduction step
-
-
-def _gemm_launch(x: torch.Tensor, out_features: int):
-    """(grid, launch kwargs) of the GEMM kernels for activations ``x`` [T, in]: ``triton_update``'s tiles."""
-    in_features = x.shape[1]
-    # The interpreter's tl.dot is wrong on bf16 operands (numpy has no bf16); fp32 products of bf16 are exact.
-    dot_in_fp32 = INTERPRETED and x.dtype == torch.bfloat16
-    fp32_operands = dot_in_fp32 or x.dtype == torch.float32
-    cfg = _gemm_config(x.dtype)
-    grid = (triton.cdiv(out_features, cfg["BLOCK_OUT"]), triton.cdiv(in_features, cfg["BLOCK_IN"]))
-    # "ieee": fp32 operands in full precision, not rounded to tf32 (the default).
-    return grid, dict(DOT_IN_FP32=dot_in_fp32, DOT_PRECISION="ieee" if fp32_operands else "tf32", **cfg)
-
-
-def _reduce_into(out: torch.Tensor, part: torch.Tensor) -> None:
-    """``out += part.sum(0)`` in a fixed order (``part`` [n_parts, n] fp32 contiguous, ``out`` [n] fp32)."""
-    n_parts, n = part.shape
-    if n_parts == 0 or n == 0:
-        return
-    block_p = min(triton.next_power_of_2(n_parts), 256)
-    block_n = max(1, min(triton.next_power_of_2(n), _REDUCE_TILE // block_p))
-    _reduce_kernel[(triton.cdiv(n, block_n),)](part, out, n_parts, n, BLOCK_P=block_p, BLOCK_N=block_n)
-
 
 def _strides(x: torch.Tensor, dy: torch.Tensor) -> tuple:
     return x.stride(0), x.stride(1), dy.stride(0), dy.stride(1)
@@ -216,11 +144,12 @@ def adalomo_sq_sums(row_sums: torch.Tensor, col_sums: torch.Tensor, stats: torch
     row_part = torch.empty(grid[1], out_features, dtype=torch.float32, device=dev)
     col_part = torch.empty(grid[0], in_features, dtype=torch.float32, device=dev)
     stats_part = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=dev)
-    _sq_sums_kernel[grid](x, dy, row_part, col_part, stats_part, tokens, out_features, in_features,
-                          *_strides(x, dy), inv_loss_scale, clip_value, **kw, **_NO_FMA)
-    _reduce_into(row_sums, row_part)
-    _reduce_into(col_sums, col_part)
-    _reduce_into(stats, stats_part)
+    with device_guard(dev):
+        _sq_sums_kernel[grid](x, dy, row_part, col_part, stats_part, tokens, out_features, in_features,
+                              *_strides(x, dy), inv_loss_scale, clip_value, **kw, **_NO_FMA)
+        _reduce_into(row_sums, row_part)
+        _reduce_into(col_sums, col_part)
+        _reduce_into(stats, stats_part)
 
 
 def adalomo_scaled_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
@@ -233,9 +162,10 @@ def adalomo_scaled_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor
         return
     grid, kw = _gemm_launch(x, out_features)
     stats_part = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
-    _scaled_sqnorm_kernel[grid](x, dy, row_scale, col_scale, stats_part, tokens, out_features, in_features,
-                                *_strides(x, dy), inv_loss_scale, clip_value, **kw, **_NO_FMA)
-    _reduce_into(stats, stats_part)
+    with device_guard(x.device):
+        _scaled_sqnorm_kernel[grid](x, dy, row_scale, col_scale, stats_part, tokens, out_features, in_features,
+                                    *_strides(x, dy), inv_loss_scale, clip_value, **kw, **_NO_FMA)
+        _reduce_into(stats, stats_part)
 
 
 def adalomo_linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
@@ -250,8 +180,9 @@ def adalomo_linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, ro
         return
     grid, kw = _gemm_launch(x, out_features)
     decay, step, inv_loss_scale, clip_value, seed_mix = _rule_args(rule)
-    _update_kernel[grid](w, x, dy, row_scale, col_scale, w if nonfinite is None else nonfinite, tokens, out_features, in_features,
-                         w.stride(0), w.stride(1), *_strides(x, dy),
-                         decay, step, inv_loss_scale, clip_value, math.inf, seed_mix,
-                         STOCHASTIC=rule.stochastic and w.dtype != torch.float32, COUNT=nonfinite is not None,
-                         **kw, **_NO_FMA)
+    with device_guard(x.device):
+        _update_kernel[grid](w, x, dy, row_scale, col_scale, w if nonfinite is None else nonfinite, tokens,
+                             out_features, in_features, w.stride(0), w.stride(1), *_strides(x, dy),
+                             decay, step, inv_loss_scale, clip_value, math.inf, seed_mix,
+                             STOCHASTIC=rule.stochastic and w.dtype != torch.float32, COUNT=nonfinite is not None,
+                             **kw, **_NO_FMA)

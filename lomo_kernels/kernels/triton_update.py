@@ -6,12 +6,18 @@ Same six functions and semantics as ``reference`` (see ``lomo_kernels.ops._commo
   tokens accumulating ``dyᵀx`` for that tile in fp32 registers, then applies the update rule to the
   tile in its epilogue: the weight gradient is never written to memory.
 - ``linear_grad_sqnorm`` is the same kernel with ``NORM_ONLY``: W untouched, each tile's sum of
-  squares and non-finite count atomically added to ``stats``.
+  squares and non-finite count written to its own slot of a per-tile buffer.
 - ``embedding_*`` sum duplicate rows with torch (memory bounded by tokens x dim), then a kernel
   applies the rule to the touched rows, or to every row when weight decay is on.
 - ``dense_*`` are elementwise kernels.
 
-All update kernels share one epilogue, ``_finish_tile``.
+All update kernels share one epilogue, ``_finish_tile``; the GEMM kernels here and in ``triton_adalomo``
+share one ``dyᵀx`` tile loop, ``_gemm_tile``.
+
+Run to run deterministic: no float atomics. Norm passes write per-program partials that ``_reduce_kernel``
+adds in a fixed order; duplicate embedding rows are summed in token order (``reference._row_gradients``);
+the only atomic is the integer add of the optional non-finite counter, which is exact in any order. Every
+launch runs under ``device_guard`` (``_triton_device``): on the tensors' device and its current stream.
 
 Whether the kernels run on the GPU or in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors,
 for testing) is fixed when this module is imported: ``triton.jit`` decides at decoration time.
@@ -24,6 +30,7 @@ import triton.language as tl
 
 from ..backends import BackendInfo
 from ..ops._common import UpdateRule, mix32_int
+from ._triton_device import device_guard
 from .reference import _row_gradients
 
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
@@ -126,16 +133,18 @@ def _finish_tile(g, w_ptrs, flat_index, mask, stats_ptr, decay, step, inv_loss_s
                  NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, count_ptr=None, COUNT: tl.constexpr = False):
     """The epilogue of every kernel, on a tile of fp32 gradient ``g`` (masked-off entries ignored).
 
-    ``NORM_ONLY``: add the tile's ``[sum(u*u), count(!isfinite(u))]`` to ``stats_ptr[0:2]``.
-    Otherwise: update the weights at ``w_ptrs`` by the rule and round them into their own dtype; an
-    element whose rounded result is not finite keeps its old value (the guard of ``_common``), and
-    with ``COUNT`` the tile's number of such elements is added to ``count_ptr[0]`` (int64).
+    ``NORM_ONLY``: store the tile's ``[sum(u*u), count(!isfinite(u))]`` at ``stats_ptr[0:2]``, this
+    program's own slot of a partials buffer (``_reduce_into`` sums the slots in a fixed order: no float
+    atomics). Otherwise: update the weights at ``w_ptrs`` by the rule and round them into their own dtype;
+    an element whose rounded result is not finite keeps its old value (the guard of ``_common``), and
+    with ``COUNT`` the tile's number of such elements is added to ``count_ptr[0]`` (an int64 atomic:
+    exact in any order).
     """
     u = g * inv_loss_scale
     if NORM_ONLY:
         u = tl.where(mask, u, 0.0)
-        tl.atomic_add(stats_ptr, tl.sum(u * u))
-        tl.atomic_add(stats_ptr + 1, tl.sum(tl.where(_is_finite(u), 0.0, 1.0)))
+        tl.store(stats_ptr, tl.sum(u * u))
+        tl.store(stats_ptr + 1, tl.sum(tl.where(_is_finite(u), 0.0, 1.0)))
     else:
         # Written with comparisons so a NaN passes through, as torch.clamp (min/max would drop it).
         u = tl.where(u > clip_value, clip_value, tl.where(u < -clip_value, -clip_value, u))
@@ -153,27 +162,28 @@ def _finish_tile(g, w_ptrs, flat_index, mask, stats_ptr, decay, step, inv_loss_s
             tl.atomic_add(count_ptr, tl.sum(tl.where(mask & ~ok, 1, 0).to(tl.int64)))
 
 
-# --- kernels ------------------------------------------------------------------------------------
-
-@triton.jit(do_not_specialize=["seed_mix"])
-def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, count_ptr, tokens, out_features, in_features,
-                   stride_w_out, stride_w_in, stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
-                   decay, step, inv_loss_scale, clip_value, seed_mix,
-                   NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, COUNT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
-                   BLOCK_T: tl.constexpr):
-    """One [BLOCK_OUT, BLOCK_IN] tile of ``G = dyᵀx`` per program, finished by ``_finish_tile``.
-
-    Register budget: every address is a scalar 64-bit base plus 32-bit in-tile offsets (a tensor of
-    64-bit pointers or flat indices costs two registers per element and made the 16-bit epilogues
-    spill), and the stochastic-rounding index is the flat index's low 32 bits, all the hash uses.
-    """
+@triton.jit
+def _tile_coords(out_features, in_features, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+    """This program's tile of an [out, in] weight: origin ``(m0, n0)``, in-tile offsets ``r``, ``c``, and
+    which of them lie inside the weight."""
     m0 = tl.program_id(0) * BLOCK_OUT
     n0 = tl.program_id(1) * BLOCK_IN
     r = tl.arange(0, BLOCK_OUT)
     c = tl.arange(0, BLOCK_IN)
-    row_ok = r < out_features - m0
-    col_ok = c < in_features - n0
+    return m0, n0, r, c, r < out_features - m0, c < in_features - n0
+
+
+@triton.jit
+def _gemm_tile(x_ptr, dy_ptr, tokens, m0, n0, r, c, row_ok, col_ok,
+               stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
+               DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The fp32 tile ``G[m0 + r, n0 + c] = Σ_t dy[t, m0 + r] · x[t, n0 + c]`` (masked-off entries 0), summed
+    over token blocks in order: the GEMM loop of every fused linear kernel.
+
+    Register budget: every address is a scalar 64-bit base plus 32-bit in-tile offsets (a tensor of 64-bit
+    pointers costs two registers per element and made the 16-bit epilogues spill). ``DOT_IN_FP32`` widens
+    bf16 operands first (the interpreter's bf16 ``tl.dot`` is wrong; fp32 products of bf16 are exact)."""
     dy_tile = dy_ptr + m0.to(tl.int64) * stride_dy_out + r[None, :] * stride_dy_out
     x_tile = x_ptr + n0.to(tl.int64) * stride_x_in + c[None, :] * stride_x_in
     acc = tl.zeros((BLOCK_OUT, BLOCK_IN), dtype=tl.float32)
@@ -189,6 +199,30 @@ def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, count_ptr, tokens, out_featu
             dy = _widen(dy)
             x = _widen(x)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+# --- kernels ------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["seed_mix"])
+def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, count_ptr, tokens, out_features, in_features,
+                   stride_w_out, stride_w_in, stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
+                   decay, step, inv_loss_scale, clip_value, seed_mix,
+                   NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, COUNT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
+    """One [BLOCK_OUT, BLOCK_IN] tile of ``G = dyᵀx`` per program, finished by ``_finish_tile``; with
+    ``NORM_ONLY``, ``stats_ptr`` is the per-tile partials buffer [tiles, 2] (W's pointer a stand-in).
+
+    Register budget: addresses as in ``_gemm_tile``, and the stochastic-rounding index is the flat index's
+    low 32 bits, all the hash uses.
+    """
+    m0, n0, r, c, row_ok, col_ok = _tile_coords(out_features, in_features, BLOCK_OUT, BLOCK_IN)
+    acc = _gemm_tile(x_ptr, dy_ptr, tokens, m0, n0, r, c, row_ok, col_ok,
+                     stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
+                     DOT_IN_FP32, DOT_PRECISION, BLOCK_OUT, BLOCK_IN, BLOCK_T)
+    if NORM_ONLY:
+        stats_ptr += 2 * (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1))
     w_tile = w_ptr + (m0.to(tl.int64) * stride_w_out + n0.to(tl.int64) * stride_w_in)
     # tl.cast, not .to: an integer argument equal to 1 arrives as a constexpr (Triton's specialization)
     in_u32 = tl.cast(in_features, tl.uint32)
@@ -203,8 +237,12 @@ def _linear_kernel(w_ptr, x_ptr, dy_ptr, stats_ptr, count_ptr, tokens, out_featu
 def _dense_kernel(p_ptr, g_ptr, stats_ptr, count_ptr, numel, stride_p, stride_g,
                   decay, step, inv_loss_scale, clip_value, seed_mix,
                   NORM_ONLY: tl.constexpr, STOCHASTIC: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    """``BLOCK`` elements per program; with ``NORM_ONLY``, ``stats_ptr`` is the per-program partials
+    buffer [programs, 2]."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
+    if NORM_ONLY:
+        stats_ptr += 2 * tl.program_id(0)
     g = _widen(tl.load(g_ptr + offs * stride_g, mask=mask, other=0.0))
     _finish_tile(g, p_ptr + offs * stride_p, offs, mask, stats_ptr,
                  decay, step, inv_loss_scale, clip_value, seed_mix, NORM_ONLY, STOCHASTIC, count_ptr, COUNT)
@@ -239,6 +277,22 @@ def _embedding_rows_kernel(w_ptr, g_ptr, count_ptr, row_of_slot_ptr, slot_of_row
                  decay, step, inv_loss_scale, clip_value, seed_mix, False, STOCHASTIC, count_ptr, COUNT)
 
 
+@triton.jit
+def _reduce_kernel(part_ptr, out_ptr, n_parts, n, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``out[k] += Σ_p part[p, k]`` (``part`` [n_parts, n] contiguous fp32), in a fixed order: chunks of
+    ``BLOCK_P`` partials in index order, each summed by ``tl.sum``'s fixed tree. No atomics."""
+    k = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = k < n
+    p = tl.arange(0, BLOCK_P)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        rows = p0 + p
+        tile = tl.load(part_ptr + rows[:, None].to(tl.int64) * n + k[None, :],
+                       mask=(rows < n_parts)[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
+    tl.store(out_ptr + k, tl.load(out_ptr + k, mask=k_ok) + acc, mask=k_ok)
+
+
 # --- launch configuration -----------------------------------------------------------------------
 
 # Fixed configurations rather than triton.autotune: autotuning an in-place kernel re-runs it, so it
@@ -256,6 +310,18 @@ def _gemm_config(operand_dtype: torch.dtype) -> dict:
 
 _DENSE_BLOCK = 1024
 _EMBEDDING_TILE = 4096  # elements per program
+_REDUCE_TILE = 4096  # partials loaded per reduction step
+
+
+def _reduce_into(out: torch.Tensor, part: torch.Tensor) -> None:
+    """``out += part.sum(0)`` in a fixed order (``part`` [n_parts, n] fp32 contiguous, ``out`` [n] fp32),
+    for per-program partial sums: the same bits on every run, unlike float atomics."""
+    n_parts, n = part.shape
+    if n_parts == 0 or n == 0:
+        return
+    block_p = min(triton.next_power_of_2(n_parts), 256)
+    block_n = max(1, min(triton.next_power_of_2(n), _REDUCE_TILE // block_p))
+    _reduce_kernel[(triton.cdiv(n, block_n),)](part, out, n_parts, n, BLOCK_P=block_p, BLOCK_N=block_n)
 
 
 def _rule_args(rule: UpdateRule) -> tuple:
@@ -279,26 +345,36 @@ def _linear(w: torch.Tensor | None, x: torch.Tensor, dy: torch.Tensor, stats: to
             rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
     """Update ``w`` (``stats`` None) or, in norm-only mode, add to ``stats`` (``w`` None)."""
     _check_device(x)
-    # The kernel takes both pointers and dereferences one; the other gets a stand-in.
-    if w is None:
-        w, w_strides, norm_only = stats, (0, 0), True
-    else:
-        stats, w_strides, norm_only = w, w.stride(), False
     tokens, in_features = x.shape
     out_features = dy.shape[1]
     if in_features == 0 or out_features == 0:
         return
+    grid, kw = _gemm_launch(x, out_features)
+    with device_guard(x.device):
+        # The kernel takes both pointers and dereferences one; the other gets a stand-in.
+        if w is None:
+            part = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
+            w, w_strides, norm_only = part, (0, 0), True
+        else:
+            part, w_strides, norm_only = w, w.stride(), False
+        _linear_kernel[grid](w, x, dy, part, part if nonfinite is None else nonfinite, tokens, out_features,
+                             in_features, *w_strides, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                             *_rule_args(rule), NORM_ONLY=norm_only, COUNT=nonfinite is not None and not norm_only,
+                             STOCHASTIC=rule.stochastic and w.dtype != torch.float32, **kw, **_NO_FMA)
+        if norm_only:
+            _reduce_into(stats, part)
+
+
+def _gemm_launch(x: torch.Tensor, out_features: int) -> tuple[tuple[int, int], dict]:
+    """(grid, launch kwargs) of every fused linear kernel for activations ``x`` [T, in]."""
+    in_features = x.shape[1]
     # The interpreter's tl.dot is wrong on bf16 operands (numpy has no bf16); fp32 products of bf16 are exact.
     dot_in_fp32 = INTERPRETED and x.dtype == torch.bfloat16
     fp32_operands = dot_in_fp32 or x.dtype == torch.float32
     cfg = _gemm_config(x.dtype)
     grid = (triton.cdiv(out_features, cfg["BLOCK_OUT"]), triton.cdiv(in_features, cfg["BLOCK_IN"]))
-    _linear_kernel[grid](w, x, dy, stats, stats if nonfinite is None else nonfinite, tokens, out_features,
-                         in_features, *w_strides, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-                         *_rule_args(rule), NORM_ONLY=norm_only, COUNT=nonfinite is not None and not norm_only,
-                         STOCHASTIC=rule.stochastic and w.dtype != torch.float32, DOT_IN_FP32=dot_in_fp32,
-                         # "ieee": fp32 operands in full precision, not rounded to tf32 (the default).
-                         DOT_PRECISION="ieee" if fp32_operands else "tf32", **cfg, **_NO_FMA)
+    # "ieee": fp32 operands in full precision, not rounded to tf32 (the default).
+    return grid, dict(DOT_IN_FP32=dot_in_fp32, DOT_PRECISION="ieee" if fp32_operands else "tf32", **cfg)
 
 
 def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule,
@@ -316,10 +392,15 @@ def _dense(p: torch.Tensor, g: torch.Tensor, stats: torch.Tensor, rule: UpdateRu
     numel = g.numel()
     if numel == 0:
         return
-    _dense_kernel[(triton.cdiv(numel, _DENSE_BLOCK),)](
-        p, g, stats, stats if nonfinite is None else nonfinite, numel, p.stride(0), g.stride(0), *_rule_args(rule),
-        NORM_ONLY=norm_only, COUNT=nonfinite is not None and not norm_only,
-        STOCHASTIC=rule.stochastic and p.dtype != torch.float32, BLOCK=_DENSE_BLOCK, **_NO_FMA)
+    grid = (triton.cdiv(numel, _DENSE_BLOCK),)
+    with device_guard(g.device):
+        part = torch.empty(grid[0], 2, dtype=torch.float32, device=g.device) if norm_only else p
+        _dense_kernel[grid](
+            p, g, part, part if nonfinite is None else nonfinite, numel, p.stride(0), g.stride(0), *_rule_args(rule),
+            NORM_ONLY=norm_only, COUNT=nonfinite is not None and not norm_only,
+            STOCHASTIC=rule.stochastic and p.dtype != torch.float32, BLOCK=_DENSE_BLOCK, **_NO_FMA)
+        if norm_only:
+            _reduce_into(stats, part)
 
 
 def dense_update(p: torch.Tensor, g: torch.Tensor, rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
@@ -347,11 +428,12 @@ def embedding_update(w: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, paddi
     block_d = min(256, triton.next_power_of_2(dim))
     block_rows = max(1, _EMBEDDING_TILE // block_d)
     grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(dim, block_d))
-    _embedding_rows_kernel[grid](w, g, w if nonfinite is None else nonfinite, row_of_slot, slot_of_row, n_rows, dim,
-                                 w.stride(0), w.stride(1), g.stride(0), g.stride(1), *_rule_args(rule),
-                                 ALL_ROWS=all_rows, STOCHASTIC=rule.stochastic and w.dtype != torch.float32,
-                                 COUNT=nonfinite is not None,
-                                 BLOCK_ROWS=block_rows, BLOCK_D=block_d, **_NO_FMA)
+    with device_guard(w.device):
+        _embedding_rows_kernel[grid](w, g, w if nonfinite is None else nonfinite, row_of_slot, slot_of_row, n_rows,
+                                     dim, w.stride(0), w.stride(1), g.stride(0), g.stride(1), *_rule_args(rule),
+                                     ALL_ROWS=all_rows, STOCHASTIC=rule.stochastic and w.dtype != torch.float32,
+                                     COUNT=nonfinite is not None,
+                                     BLOCK_ROWS=block_rows, BLOCK_D=block_d, **_NO_FMA)
 
 
 def embedding_grad_sqnorm(stats: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, padding_idx: int,
