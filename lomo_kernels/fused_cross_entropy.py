@@ -27,7 +27,7 @@ The updater protocol (``LMHeadUpdater``), by what it needs to know before it can
   statistics into what the next needs, and only the last pass writes.
 
 Adapters: ``LomoHead`` (the rule's scalars given directly), ``NormHead`` (adds to a stats buffer), and
-``OptimizerHead(optimizer)``, which follows a ``lomo_kernels`` ``Lomo`` or ``AdaLomo`` through its phases
+``OptimizerHead(optimizer)``, which follows a ``lomo_kernels`` ``Lomo``, ``AdaLomo`` or ``AdamW`` through its phases
 (``optimizer.phase``: "norm", "apply", "skip"). A weight with other uses in the step (a tied embedding)
 defers its update: ``DeferredLMHead``.
 """
@@ -37,7 +37,7 @@ from typing import Protocol
 
 import torch
 
-from .ops import adalomo_stats
+from .ops import adalomo_stats, adamw_update
 from .ops import linear_cross_entropy as lce
 from .ops._common import UpdateRule, check_stats
 from .ops.linear_update import linear_grad_sqnorm_
@@ -105,26 +105,39 @@ class NormHead:
 
 
 class OptimizerHead:
-    """Follows a ``lomo_kernels.Lomo`` / ``AdaLomo`` through its phases for its held LM-head weight.
+    """Follows a ``lomo_kernels`` optimizer through its phases for its held LM-head weight.
 
     norm phase: the chunks' norms go into the optimizer's norm buffer (so its global norm, clip
     coefficient and overflow check are exact). apply phase: ``Lomo`` — its rule (lr, decay with
     ``no_decay``, clip coefficient, value clipping, loss scale, rounding and one seed per step, as its
-    ``linear_apply``) in one pass; ``AdaLomo`` — three passes (row/column sums of ``u²``, then ``Σ(r u c)²``,
-    then the update), exactly its ``linear_apply`` with ``statistics="recompute"``. skip: nothing.
+    ``linear_apply``) in one pass; ``AdamW`` (and ``Apollo``'s AdamW-ruled head) — its element-wise rule on
+    the chunk's rows of ``W``, ``m`` and ``v`` in one pass (exact: the rule is per element; stochastic
+    rounding draws from the chunk's own flat index, not the whole weight's); ``AdaLomo`` — three passes
+    (row/column sums of ``u²``, then ``Σ(r u c)²``, then the update), exactly its ``linear_apply`` with
+    ``statistics="recompute"``. skip: nothing.
     """
 
     def __init__(self, optimizer):
         self.opt = optimizer
         self._state = None
+        self._kind = self.kind_of(optimizer)
+        if self._kind is None:
+            raise TypeError(f"OptimizerHead supports lomo_kernels Lomo, AdaLomo (statistics='recompute'), AdamW and "
+                            f"Apollo's AdamW-ruled weights, got {type(optimizer).__name__}")
 
-    def _kind(self) -> str:
-        from .optim import AdaLomo, Lomo
-        if isinstance(self.opt, AdaLomo):
-            return "adalomo"
-        if isinstance(self.opt, Lomo):
+    @staticmethod
+    def kind_of(optimizer, param: torch.Tensor | None = None) -> str | None:
+        """Which rule ``optimizer`` applies to ``param`` as an LM head (None: not one the fused loss can take)."""
+        from .optim import AdaLomo, AdamW, Lomo
+        if isinstance(optimizer, AdaLomo):
+            return "adalomo" if optimizer.statistics == "recompute" else None
+        if isinstance(optimizer, Lomo):
             return "lomo"
-        raise TypeError(f"OptimizerHead supports lomo_kernels Lomo and AdaLomo, got {type(self.opt).__name__}")
+        if isinstance(optimizer, AdamW):  # Apollo too: its head is AdamW-ruled unless projected
+            if param is not None and optimizer._name(param) not in optimizer.exp_avg:
+                return None
+            return "adamw"
+        return None
 
     def passes(self, weight):
         opt, phase = self.opt, self.opt.phase
@@ -135,8 +148,11 @@ class OptimizerHead:
         if phase != "apply":
             self._state = None
             return ()
-        if self._kind() == "lomo":
+        if self._kind == "lomo":
             self._state = LomoHead(**_without_counter(opt._rule(weight)))
+            return ("apply",)
+        if self._kind == "adamw":
+            self._state = ("adamw", opt.adam_rule(weight))  # one rule (step count, seed) for every chunk
             return ("apply",)
         name = opt._name(weight)
         out_f, in_f = weight.shape
@@ -146,6 +162,12 @@ class OptimizerHead:
         return ("sums", "scaled_norm", "apply")
 
     def chunk(self, pass_name, weight, v0, v1, x, dy):
+        if isinstance(self._state, tuple):
+            m, v, name = self.opt._moments(weight)
+            adamw_update.adamw_linear_update_(weight[v0:v1], m[v0:v1], v[v0:v1], x, dy, self._state[1],
+                                              backend=self.opt.backend, name=name,
+                                              nonfinite=self.opt.nonfinite_counter(weight))
+            return
         if not isinstance(self._state, dict):
             self._state.chunk(pass_name, weight, v0, v1, x, dy)
             return
@@ -164,6 +186,7 @@ class OptimizerHead:
 
     def end_pass(self, pass_name, weight):
         if not isinstance(self._state, dict):
+            self._state = None if isinstance(self._state, tuple) else self._state
             return
         opt, st = self.opt, self._state
         out_f, in_f = weight.shape

@@ -78,7 +78,9 @@ def test_parity_with_torch_adamw(arch, setting):
     ref, start = copy.deepcopy(model), copy.deepcopy(model)
     data = batches(model.config.vocab_size)
     ref_coefs = train_torch(ref, data, **kwargs)
-    our_coefs = train_fused(lk.AdamW(model, lr=LR, backend="torch", **kwargs), model, data)
+    # the optimizer's parity: the same loss as torch's run (the model's own, from logits; the fused loss
+    # agrees with it to fp32 rounding, which AdamW's first, sign-like steps amplify: test_fused_loss.py)
+    our_coefs = train_fused(lk.AdamW(model, lr=LR, backend="torch", fused_cross_entropy=False, **kwargs), model, data)
     if "clip_grad_norm" in kwargs:
         assert min(ref_coefs) < 1.0  # the setting really clips
         assert our_coefs == pytest.approx(ref_coefs, rel=1e-5)

@@ -95,8 +95,7 @@ class AdaLomo(FusedOptimizer):
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
                          rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused,
                          on_nonfinite=on_nonfinite, fused_cross_entropy=fused_cross_entropy)
-        if self.fused_cross_entropy and statistics != "recompute":
-            self.fused_cross_entropy = False
+        if fused_cross_entropy and statistics != "recompute":
             self.fused_cross_entropy_reason = f"AdaLomo's statistics={statistics!r} (the fused loss needs 'recompute')"
         self._norm_sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> this step's sums
         self.exp_avg_sq: dict[str, torch.Tensor] = {}
@@ -177,13 +176,6 @@ class AdaLomo(FusedOptimizer):
         u = self.direction_(param, grad)
         coef = self.normalizer(float(u.norm() ** 2), u.numel())
         ops.dense_update_(param, u, **self._apply_args(param, coef))
-
-    def lm_head_updater(self, param):
-        """The fused loss's three passes are the ``recompute`` statistics; other modes take logits."""
-        if self.statistics != "recompute":
-            return None
-        from ..fused_cross_entropy import OptimizerHead
-        return OptimizerHead(self)
 
     def linear_apply(self, param, x, dy):
         if self.statistics == "materialize":

@@ -61,7 +61,7 @@ class AdamW(LossScaledMixin, FusedOptimizer):
     default ``weight_decay=0.01`` is *not* copied: 0 here, as the issue specifies), plus ``clip_grad_norm``,
     ``clip_grad_value``, ``loss_scale_args`` (fp16), ``state_dtype`` (float32 or bfloat16 moments),
     ``state_rounding`` (None: stochastic for bf16 state), and ``backend``, ``rounding``, ``seed``, ``no_decay``,
-    ``unfused``, ``on_nonfinite`` as for ``Lomo``. Use::
+    ``unfused``, ``on_nonfinite``, ``fused_cross_entropy`` as for ``Lomo``. Use::
 
         opt = lomo_kernels.AdamW(model, lr=1e-4, weight_decay=0.01, clip_grad_norm=1.0)
         opt.fused_backward(model(**batch).loss, lr)
@@ -74,7 +74,7 @@ class AdamW(LossScaledMixin, FusedOptimizer):
                  clip_grad_value: float | None = None, state_dtype: torch.dtype = torch.float32, *,
                  state_rounding: str | None = None, loss_scale_args: dict | None = None, backend: str = "auto",
                  rounding: str | None = None, seed: int = 0, no_decay=(), unfused=(),
-                 on_nonfinite: str | None = None):
+                 on_nonfinite: str | None = None, fused_cross_entropy: bool = True):
         self.betas = check_betas(betas)
         self.eps = _checks.non_negative("eps", eps)
         self.weight_decay = _checks.non_negative("weight_decay", weight_decay)
@@ -90,7 +90,7 @@ class AdamW(LossScaledMixin, FusedOptimizer):
                                      clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value),
                          clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, backend=backend,
                          rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused,
-                         on_nonfinite=on_nonfinite)
+                         on_nonfinite=on_nonfinite, fused_cross_entropy=fused_cross_entropy)
         self.loss_scaler = DynamicLossScaler(**dict(loss_scale_args or {})) if self.checks_overflow else None
         self.exp_avg: dict[str, torch.Tensor] = {}
         self.exp_avg_sq: dict[str, torch.Tensor] = {}

@@ -111,10 +111,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.fused_cross_entropy_reason = "off (fused_cross_entropy=False)"
         if fused_cross_entropy:
             from ..integrations import causal_lm_loss
+            from ..fused_cross_entropy import OptimizerHead
             self.fused_cross_entropy_reason = (
-                f"{type(self).__name__} has no LM-head rule for the fused loss yet"
-                if type(self).lm_head_updater is FusedOptimizer.lm_head_updater
-                else causal_lm_loss.why_not_applicable(model, self.held))
+                f"{type(self).__name__} has no LM-head rule for the fused loss"
+                if OptimizerHead.kind_of(self) is None else causal_lm_loss.why_not_applicable(model, self.held))
             if self.fused_cross_entropy_reason is None:
                 causal_lm_loss.FusedCausalLMLoss(model, self.held)
                 self.fused_cross_entropy = True
@@ -140,7 +140,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def lm_head_updater(self, param: torch.Tensor):
         """The ``LMHeadUpdater`` (lomo_kernels.fused_cross_entropy) that applies this optimizer's rule to a
         held LM head from the fused loss's chunks, or None (then the model's loss comes from logits)."""
-        return None
+        from ..fused_cross_entropy import OptimizerHead
+        return OptimizerHead(self) if OptimizerHead.kind_of(self, param) is not None else None
 
     def reroute(self, updater) -> None:
         """Send the held weights' gradients to ``updater`` instead of this optimizer's rules (an updater

@@ -74,10 +74,6 @@ class Lomo(LossScaledMixin, FusedOptimizer):
             ops.embedding_update_(param, touched, summed, **rule)
         return True
 
-    def lm_head_updater(self, param):
-        from ..fused_cross_entropy import OptimizerHead
-        return OptimizerHead(self)
-
     def linear_apply(self, param, x, dy):
         ops.linear_update_(param, x, dy, **self._rule(param))
 
