@@ -14,6 +14,11 @@ exposes the same six functions. They receive inputs already checked and flattene
 
 The gradient of a weight matrix is never built whole: it is computed in row blocks of at most
 ``CHUNK_ELEMENTS`` entries, each applied and dropped before the next.
+
+Deterministic: every function gives the same bits on every run for the same inputs on the same device
+(and CPU thread count). The block GEMMs run in full fp32 whatever the user's TF32 setting
+(``ieee_fp32_matmul``); duplicate embedding rows are summed in token order (off CPU by a sort + segment
+reduction, never by a GPU ``index_add_``'s float atomics).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import math
 
 import torch
 
-from ..ops._common import UpdateRule, accumulate_sqnorm_, apply_rule_
+from ..ops._common import UpdateRule, accumulate_sqnorm_, apply_rule_, ieee_fp32_matmul
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: large enough that the block GEMMs run at BLAS speed
 
@@ -31,6 +36,7 @@ def _rows_per_chunk(cols: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(cols, 1))
 
 
+@ieee_fp32_matmul()
 def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: UpdateRule,
                   nonfinite: torch.Tensor | None = None) -> None:
     out_f, in_f = w.shape
@@ -48,6 +54,7 @@ def linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, rule: Upda
         apply_rule_(w[r0:r1], g, rule, flat_offset=r0 * in_f, nonfinite=nonfinite)
 
 
+@ieee_fp32_matmul()
 def linear_grad_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float) -> None:
     out_f, in_f = dy.shape[1], x.shape[1]
     x32, dy32 = x.to(torch.float32), dy.to(torch.float32)
@@ -56,6 +63,7 @@ def linear_grad_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, i
         accumulate_sqnorm_(stats, dy32[:, r0:r0 + rows].t() @ x32, inv_loss_scale)
 
 
+@ieee_fp32_matmul()
 def linear_grad_sqnorm_ghost(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: float) -> None:
     """``‖dyᵀx‖² = ⟨x xᵀ, dy dyᵀ⟩`` in blocks of token rows; no weight-sized tensor.
 
@@ -73,18 +81,31 @@ def linear_grad_sqnorm_ghost(stats: torch.Tensor, x: torch.Tensor, dy: torch.Ten
     stats[1] += (~torch.isfinite(total)).to(torch.float32)
 
 
-def _touched_rows(idx: torch.Tensor, padding_idx: int):
+def _row_gradients(idx: torch.Tensor, dy: torch.Tensor, padding_idx: int):
+    """``(rows, g)``: the distinct rows ``idx`` touches (padding excluded), ascending, and their fp32
+    gradients, each the sum of its tokens' ``dy`` rows in token order, starting from 0: the same bits on
+    every run and device, and the order of the cpu/cuda backends' kernels.
+
+    On CPU ``index_add_`` gives exactly that (it adds the source rows one index after another) and is the
+    fastest way here; on a GPU it would add duplicates with float atomics, in whatever order they land, so
+    every other device takes ``_sorted_segment_sums``."""
     if padding_idx >= 0:
         keep = idx != padding_idx
-        return keep, torch.unique(idx[keep], return_inverse=True)
-    return None, torch.unique(idx, return_inverse=True)
-
-
-def _row_gradients(idx: torch.Tensor, dy: torch.Tensor, padding_idx: int):
-    keep, (rows, inverse) = _touched_rows(idx, padding_idx)
-    dy32 = dy.to(torch.float32) if keep is None else dy[keep].to(torch.float32)
+        idx, dy = idx[keep], dy[keep]
+    if idx.device.type != "cpu":
+        return _sorted_segment_sums(idx, dy)
+    rows, inverse = torch.unique(idx, return_inverse=True)
     g = torch.zeros(rows.numel(), dy.shape[1], dtype=torch.float32, device=dy.device)
-    g.index_add_(0, inverse, dy32)  # duplicates summed in fp32 before any update
+    return rows, g.index_add_(0, inverse, dy.to(torch.float32))
+
+
+def _sorted_segment_sums(idx: torch.Tensor, dy: torch.Tensor):
+    """``_row_gradients`` without atomics: a stable sort groups each row's tokens in token order, then
+    ``segment_reduce`` sums every group sequentially (on a GPU one thread per group and column, from 0)."""
+    sorted_idx, order = torch.sort(idx, stable=True)
+    rows, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
+    # unsafe: the lengths come from unique_consecutive, so they are valid; checking them would sync again
+    g = torch.segment_reduce(dy[order].to(torch.float32), "sum", lengths=counts, axis=0, unsafe=True)
     return rows, g
 
 
@@ -142,6 +163,7 @@ def _clipped_gradient_blocks(x: torch.Tensor, dy: torch.Tensor, inv_loss_scale: 
         yield r0, r1, g
 
 
+@ieee_fp32_matmul()
 def adalomo_sq_sums(row_sums: torch.Tensor, col_sums: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
                     inv_loss_scale: float, clip_value: float, stats: torch.Tensor | None = None) -> None:
     """``row_sums += Σ_j u_ij²``, ``col_sums += Σ_i u_ij²`` with ``u = clamp(dyᵀx · inv_loss_scale, ±clip_value)``;
@@ -152,6 +174,7 @@ def adalomo_sq_sums(row_sums: torch.Tensor, col_sums: torch.Tensor, x: torch.Ten
         col_sums += sq.sum(0)
 
 
+@ieee_fp32_matmul()
 def adalomo_sq_sums_ghost(row_sums: torch.Tensor, col_sums: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
                           inv_loss_scale: float) -> None:
     """The same sums without value clipping, from token-by-token Gram matrices:
@@ -167,6 +190,7 @@ def adalomo_sq_sums_ghost(row_sums: torch.Tensor, col_sums: torch.Tensor, x: tor
         col_sums += (x32[t0:t1] * ((dy32[t0:t1] @ dy32.t()) @ x32)).sum(0)
 
 
+@ieee_fp32_matmul()
 def adalomo_scaled_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
                           col_scale: torch.Tensor, inv_loss_scale: float, clip_value: float) -> None:
     """``stats += [Σ (row_scale_i · u_ij · col_scale_j)², non-finite count]``, u as in ``adalomo_sq_sums``."""
@@ -174,6 +198,7 @@ def adalomo_scaled_sqnorm(stats: torch.Tensor, x: torch.Tensor, dy: torch.Tensor
         accumulate_sqnorm_(stats, g * row_scale[r0:r1, None] * col_scale, 1.0)
 
 
+@ieee_fp32_matmul()
 def adalomo_linear_update(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, row_scale: torch.Tensor,
                           col_scale: torch.Tensor, rule: UpdateRule, nonfinite: torch.Tensor | None = None) -> None:
     """``W <- rule.decay·W - rule.step · row_scale_i · clamp(G_ij · inv_loss_scale, ±clip_value) · col_scale_j``."""

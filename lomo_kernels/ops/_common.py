@@ -31,6 +31,7 @@ so E[result] = w_new exactly (unbiased), and a value that is representable is re
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -226,6 +227,26 @@ def accumulate_sqnorm_(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: flo
     u = g.to(torch.float32) * inv_loss_scale
     stats[0] += (u * u).sum()
     stats[1] += (~torch.isfinite(u)).sum().to(torch.float32)
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """Inside: torch's fp32 matmuls (cuBLAS) and convolutions (cuDNN) in full fp32, never TF32; after: the
+    user's settings exactly as they were. Also a decorator.
+
+    The torch-side GEMMs that claim fp32 accuracy (the reference backend's block GEMMs, the ghost norms)
+    would otherwise follow a global ``torch.backends.cuda.matmul.allow_tf32 = True`` or
+    ``torch.set_float32_matmul_precision("high")``, rounding operands to 10 mantissa bits. Set through the
+    per-backend ``fp32_precision`` API: reading the legacy ``allow_tf32`` flags raises once a user has set
+    the new API (torch refuses a mix), while saving and restoring ``fp32_precision`` is exact for users of
+    either. The flags are process-wide: another thread's fp32 matmuls meanwhile run in full fp32 too."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.fp32_precision, cudnn.fp32_precision
+    matmul.fp32_precision = cudnn.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, cudnn.fp32_precision = saved
 
 
 # --- calling a custom op's implementation directly -------------------------------------------------

@@ -208,6 +208,6 @@ def adalomo_linear_update_(weight: torch.Tensor, x: torch.Tensor, grad_out: torc
 def embedding_row_gradients(weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor,
                             padding_idx: int | None = None, name: str = "weight"):
     """``(rows, G_rows)``: the distinct embedding rows ``indices`` touch (padding excluded) and their fp32
-    gradient (duplicates summed). Token-sized, never vocabulary-sized."""
+    gradient (duplicates summed in token order: the same bits every run). Token-sized, never vocabulary-sized."""
     idx, dy, pad = _flatten_embedding(weight, indices, grad_out, padding_idx, name)
     return reference._row_gradients(idx, dy, pad)

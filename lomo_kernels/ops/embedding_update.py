@@ -1,8 +1,9 @@
 """``embedding_update_`` and ``embedding_grad_sqnorm_``: update only the embedding rows a batch touched.
 
-The gradient of ``E[idx]`` is a scatter of ``grad_out`` rows; rows that repeat are summed in fp32
-before the update rule runs once per row. With weight decay every row decays, touched or not,
-exactly as ``torch.optim.SGD`` on a dense embedding gradient would.
+The gradient of ``E[idx]`` is a scatter of ``grad_out`` rows; rows that repeat are summed in fp32, in
+token order (the same bits on every run: no float atomics), before the update rule runs once per row.
+With weight decay every row decays, touched or not, exactly as ``torch.optim.SGD`` on a dense embedding
+gradient would.
 """
 from __future__ import annotations
 
