@@ -9,6 +9,7 @@
 import copy
 import gc
 import weakref
+from unittest import mock
 
 import pytest
 import torch
@@ -442,3 +443,14 @@ def test_unfused_weights_take_the_dense_route_exactly():
     sgd_steps(ref, data, lambda m, x: m(x), lr=0.1, weight_decay=0.1, clip_value=0.5)
     fused_steps(model, data, lambda m, x: m(x), lr=0.1, weight_decay=0.1, clip_value=0.5, unfused=["lin.weight"])
     assert_same(model, ref)
+
+
+def test_graph_is_walked_once_per_step_with_a_norm_phase():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    with lk.Lomo(model, lr=0.01, clip_grad_norm=1.0) as opt:
+        with mock.patch.object(opt.held, "check_graph", wraps=opt.held.check_graph) as walk:
+            opt.fused_backward(model(input_ids=ids, labels=ids).loss, 0.01)  # norm phase + apply phase
+            assert walk.call_count == 1
+            opt.fused_backward(model(input_ids=ids, labels=ids).loss, 0.01)  # a new graph is walked again
+            assert walk.call_count == 2

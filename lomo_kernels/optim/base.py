@@ -87,6 +87,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.on_nonfinite = on_nonfinite or "partial"
         self._fresh_norm = False
         self._overflow = False
+        self._checked_graph = None  # the graph check_graph last walked, while it is kept for another phase
         self._norm_stats: dict[torch.device, torch.Tensor] = {}
         self._param_index = {id(p): i for i, p in enumerate(model.parameters())}
         self._param_names = {id(p): n for n, p in model.named_parameters()}
@@ -265,7 +266,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _backward(self, loss: torch.Tensor, retain_graph: bool) -> None:
         self._check_loss(loss)
-        self.held.check_graph(loss)
+        if loss.grad_fn is not self._checked_graph:  # the apply phase after a norm phase: walked already
+            self.held.check_graph(loss)
+        self._checked_graph = loss.grad_fn if retain_graph else None
         self._calls.clear()
         self.in_fused_backward = True
         completed = False
