@@ -449,3 +449,31 @@ def test_help_lists_the_exit_statuses(capsys, argv):
         assert "1 a method does not fit in --gpu-gib" in shown and "2 bad input" in shown
     if argv[0] != "plan":
         assert "3 the loss became NaN/inf" in shown and "130 interrupted" in shown
+
+
+@pytest.mark.parametrize("optimizer", ["lomo", "adamw"])
+def test_fused_cross_entropy_on_equals_off_on_the_default_model(tmp_path, capsys, optimizer):
+    """The default model (small preset, its default batch and sequence length), 2 steps: the loss with the
+    LM head's update fused into the cross-entropy equals the logits path's within 1e-5, and so do the weights."""
+    from lomo_kernels.training.optimizers import takes_fused_cross_entropy
+
+    if not takes_fused_cross_entropy(optimizer):
+        pytest.skip(f"{optimizer} takes no fused_cross_entropy yet")
+    runs = {}
+    for flag in ("--fused-cross-entropy", "--no-fused-cross-entropy"):
+        run = tmp_path / flag.strip("-")
+        code = main(["train", "--optimizer", optimizer, flag, "--steps", "2", "--max-data-tokens", "100000",
+                     "--no-progress", "--eval-every", "0", "--output", str(run)])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert ("fused cross-entropy on" in out) == (flag == "--fused-cross-entropy"), out
+        runs[flag] = run
+    on, off = (train_losses(runs[f]) for f in ("--fused-cross-entropy", "--no-fused-cross-entropy"))
+    assert list(on) == [1, 2]
+    for step in on:
+        assert abs(on[step] - off[step]) <= 1e-5 * abs(off[step]), (step, on[step], off[step])
+    a, b = weights(runs["--fused-cross-entropy"]), weights(runs["--no-fused-cross-entropy"])
+    lr = DEFAULT_LR[optimizer] * (1 if optimizer == "lomo" else 2)  # AdamW: a step moves a weight by <= ~lr
+    for name in b:  # AdamW's normalized step turns round-off in near-zero gradients into visible steps: vs lr
+        tol = 1e-6 if optimizer == "lomo" else 1e-2 * lr
+        assert (a[name] - b[name]).abs().max() <= tol, (name, (a[name] - b[name]).abs().max())

@@ -185,3 +185,25 @@ def test_trainer_with_hift_over_the_adaptive_optimizers_resumes_exactly(tmp_path
     assert trainer.fused_optimizer.step_count == steps
     for (n, p), q in zip(resumed.named_parameters(), model.parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("name", ["lomo", "adamw"])
+def test_trainer_fused_cross_entropy_on_equals_off(tmp_path, name):
+    """LomoTrainer(fused_cross_entropy=True/False): 2 steps with the LM head's update inside the loss log the
+    same losses as the logits path (within 1e-5)."""
+    losses = {}
+    torch.manual_seed(0)
+    start = tiny_llama().state_dict()
+    data = dataset(97, 2 * BATCH)
+    for flag in (True, False):
+        model = tiny_llama()
+        model.load_state_dict(start)
+        trainer = LomoTrainer(model=model, args=training_args(tmp_path / str(flag), 2, warmup_steps=0),
+                              train_dataset=data, optimizer_name=name, fused_cross_entropy=flag)
+        trainer.train()
+        assert trainer.fused_optimizer.fused_cross_entropy is flag, trainer.fused_optimizer.fused_cross_entropy_reason
+        losses[flag] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses[True]) == 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    with pytest.raises(TypeError, match="fused_cross_entropy must be"):
+        LomoTrainer(model=tiny_llama(), args=training_args(tmp_path, 1), train_dataset=data, fused_cross_entropy=1)

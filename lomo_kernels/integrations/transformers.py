@@ -26,8 +26,16 @@ What ``TrainingArguments`` mean here:
 * Checkpoints: the optimizer's ``state_dict`` (AdaLomo statistics, step, loss scaler, rounding seed)
   is saved as ``optimizer.pt`` with the model and restored on resume.
 
+Optimizers: ``optimizer_name="lomo"`` (default), ``"adalomo"``, ``"adamw"`` (fused ``torch.optim.AdamW``),
+``"apollo"``, ``"apollo-mini"``; their own arguments go in ``optimizer_kwargs`` (e.g. ``{"rank": 64}``).
+
+Fused cross-entropy: ``fused_cross_entropy=True``/``False`` is passed to the optimizer (None, the default:
+the optimizer's own default, on where it applies); with it on, a labelled training forward computes the
+loss with the LM head's update inside it (no logits). ``trainer.fused_optimizer.fused_cross_entropy`` and
+``..._reason`` say whether it is on. ``True`` for an optimizer that does not take it raises.
+
 HiFT (``lomo_kernels.HiFT``: one group of layers per step): ``hift=dict(group_size=2, strategy="down2up")``
-wraps the fused optimizer; the scheduler then advances once per cycle of groups (HiFT's rule;
+wraps any of them; the scheduler then advances once per cycle of groups (HiFT's rule;
 ``lr_schedule="per_step"`` in the dict: every step), and checkpoints hold HiFT's position and every
 group's state.
 
@@ -49,6 +57,21 @@ from ..optim import AdamW, Apollo, ApolloMini  # noqa: E402
 OPTIMIZERS.update({"adamw": AdamW, "apollo": Apollo, "apollo-mini": ApolloMini})
 
 
+def _takes(cls, name: str) -> bool:
+    """Whether ``cls(...)`` takes the keyword ``name`` (following ``**kwargs`` up the class chain)."""
+    import inspect
+
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters
+        if name in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
 def build_optimizer(model, args, optimizer_name: str = "lomo", decay_parameters=None,
                     **optimizer_kwargs) -> FusedOptimizer:
     """The fused optimizer a ``LomoTrainer`` builds from ``TrainingArguments`` (``learning_rate``,
@@ -66,14 +89,23 @@ def build_optimizer(model, args, optimizer_name: str = "lomo", decay_parameters=
 
 
 class LomoTrainer(Trainer):
-    """``Trainer`` whose backward pass applies a ``Lomo``/``AdaLomo`` update (see the module doc)."""
+    """``Trainer`` whose backward pass applies a fused update (Lomo, AdaLomo, AdamW, Apollo, ApolloMini, optionally
+    under HiFT; see the module doc)."""
 
     def __init__(self, *args, optimizer_name: str = "lomo", optimizer_kwargs: dict | None = None,
-                 hift: dict | None = None, **kwargs):
+                 hift: dict | None = None, fused_cross_entropy: bool | None = None, **kwargs):
         if optimizer_name not in OPTIMIZERS:
             raise ValueError(f"optimizer_name must be one of {sorted(OPTIMIZERS)}, got {optimizer_name!r}")
         if hift is not None and not isinstance(hift, dict):
             raise TypeError(f"hift must be None or a dict of lomo_kernels.HiFT arguments, got {hift!r}")
+        if fused_cross_entropy is not None:
+            if not isinstance(fused_cross_entropy, bool):
+                raise TypeError(f"fused_cross_entropy must be None, True or False, got {fused_cross_entropy!r}")
+            if not _takes(OPTIMIZERS[optimizer_name], "fused_cross_entropy"):
+                if fused_cross_entropy:
+                    raise ValueError(f"fused_cross_entropy=True: {OPTIMIZERS[optimizer_name].__name__} takes no "
+                                     "fused_cross_entropy (it has no fused loss yet)")
+                fused_cross_entropy = None  # off already: there is nothing to turn off
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("LomoTrainer needs gradient_accumulation_steps=1: fused updates keep no gradient "
@@ -85,6 +117,11 @@ class LomoTrainer(Trainer):
         self.optimizer_name = optimizer_name
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
         self.hift_kwargs = dict(hift) if hift is not None else None
+        if fused_cross_entropy is not None:
+            if "fused_cross_entropy" in self.optimizer_kwargs and \
+                    self.optimizer_kwargs["fused_cross_entropy"] != fused_cross_entropy:
+                raise ValueError("fused_cross_entropy and optimizer_kwargs['fused_cross_entropy'] disagree")
+            self.optimizer_kwargs["fused_cross_entropy"] = fused_cross_entropy
         self._fused: FusedOptimizer | HiFT | None = None
 
     @property

@@ -17,7 +17,7 @@ import torch
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX, BatchOrder, PackedData, TokenizerAdapter, pack, read_documents, split_eval
 from .errors import UsageError
-from .optimizers import (build_runner, check_model_options, check_optimizer_options, describe,
+from .optimizers import (build_runner, check_model_options, check_optimizer_options, describe, fused_loss_note,
                          resolve_optimizer_defaults)
 from .presets import PRESETS, preset_config
 from .report import plot_loss_curve, summarize
@@ -120,6 +120,8 @@ def resolve_run(args, explicit: set[str]):
                 setattr(args, key, value)
         if saved.get("clip_grad_value", 0.0) is None:  # a run from before 0.0 meant "off" in run.json
             args.clip_grad_value = 0.0
+        if "fused_cross_entropy" not in saved:  # a run from before the fused loss: resume it without, exactly
+            args.fused_cross_entropy = False
         opt_state = intact.state.get("optimizer")
         if args.optimizer == "adamw" and isinstance(opt_state, dict) and "format" not in opt_state:
             # a run from before --optimizer adamw became the fused AdamW: its checkpoint is torch.optim.AdamW's
@@ -331,6 +333,9 @@ def prepare(args, explicit: set[str], say) -> Run:
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model {run_source.spec}: {n_params / 1e6:.2f} M parameters, {args.dtype}, on {device}; optimizer {describe(args)}")
+    note = fused_loss_note(runner)
+    if note:
+        say(note)
     say(f"data: {len(train_data)} training and {len(eval_data) if eval_data else 0} held-out sequences "
         f"of {args.seq_len} tokens")
     return Run(args, out, model, runner, order, train_data, eval_data, save_tokenizer, device, start_step, history,
