@@ -1,20 +1,36 @@
-"""Fused linear cross-entropy + LM-head update vs the unfused path, on CPU.
+"""Fused linear cross-entropy + LM-head update vs the unfused path, on CPU (issue 13, items 4 and 6).
 
-One training step of the LM head alone: loss from hidden states ``H [T, d]`` and ``W [V, d]``, its
-backward (``dH``) and the SGD/LOMO update of ``W`` (weight decay 0.01; optionally value clipping).
+Two tables, one run:
 
-* unfused: ``logits = H @ Wᵀ`` (fp32 [T, V]), ``ForCausalLMLoss``, autograd (``W.grad`` [V, d]), then
-  ``torch.optim.SGD(weight_decay)`` (and ``clip_grad_value_``) — the hook way's cost.
-* fused: ``fused_linear_cross_entropy(..., updater=LomoHead(...))`` and its backward, at several
-  chunk sizes (default = ``choose_chunk_size``'s, 64 MiB budget).
+1. **LM head alone** (``H [T, d]``, ``W [V, d]``; 512 tokens, vocabulary 32000, hidden 512 = the CPU
+   benchmark model's): loss, backward (``dH``) and the SGD/LOMO update of ``W`` (weight decay 0.01;
+   optionally value clipping).
 
-Times are medians over repeats (wall and process CPU time); peak MiB is what the step allocates and has
-not freed at its peak, from the torch profiler's allocator events (``peak_bytes_profiled``).
+   * unfused: ``logits = H @ Wᵀ`` (fp32 [T, V]), ``ForCausalLMLoss``, autograd (``W.grad`` [V, d]), then
+     ``torch.optim.SGD(weight_decay)`` (and ``clip_grad_value_``) — the hook way's cost.
+   * fused: ``fused_linear_cross_entropy(..., updater=LomoHead(backend=...))`` and its backward, at several
+     chunk sizes, on the ``cpu`` backend (the loss's chunk math is the torch reference's, the rows update
+     the compiled C++ ``linear_update``) and on the ``torch`` backend (all reference): item 4's "cpu may use
+     the reference if it is within 1.1×" is the ratio of the two.
+
+2. **Full training step** of the CPU benchmark model (``bench_cpu_speed.build_model``: LLaMA-style, hidden
+   512, 4 layers, here with a 32000 vocabulary), 512 tokens, ``lomo_kernels.Lomo`` through the memory
+   package's ``Trainer`` (``StepConfig("lomo", fused_cross_entropy=...)``: ``model(**batch).loss`` then
+   ``opt.fused_backward``): the fused loss (the held model's loss computed by the fused linear
+   cross-entropy, no logits) against the model's own loss from materialized logits. Item 6's goal: the
+   fused step ≤ 1.1× the unfused one. Memory: ``MemoryTracker``'s peak of a steady-state step with its
+   split by category (the logits are activations; their gradient and the LM head's fp32 temporaries
+   are temporaries).
+
+Times are medians over repeats (wall and process CPU time). Peak MiB (table 1) is what the step allocates
+and has not freed at its peak, from the torch profiler's allocator events (``peak_bytes_profiled``).
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_linear_cross_entropy [--repeats N] [--quick]``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
 import os
 
 import torch
@@ -24,7 +40,7 @@ from lomo_kernels.fused_cross_entropy import LomoHead, fused_linear_cross_entrop
 from lomo_kernels.memory.tracker import peak_bytes_profiled
 from lomo_kernels.ops.linear_cross_entropy import choose_chunk_size
 
-from .common import MiB, device_record, time_fn, write_results
+from .common import MiB, device_record, markdown_table, time_fn
 
 LR, WD = 1e-3, 0.01
 
@@ -53,8 +69,8 @@ def unfused_step(H, W, labels, clip):
     return step
 
 
-def fused_step(H, W, labels, clip, chunk):
-    head = LomoHead(lr=LR, weight_decay=WD, clip_value=clip)
+def fused_step(H, W, labels, clip, chunk, backend="auto"):
+    head = LomoHead(lr=LR, weight_decay=WD, clip_value=clip, backend=backend)
 
     def step():
         Hr = H.detach().requires_grad_()
@@ -63,52 +79,147 @@ def fused_step(H, W, labels, clip, chunk):
     return step
 
 
-def run(out_dir: str, quick: bool = False, tokens: int = 512, vocab: int = 32000, hidden: int = 256,
+def head_rows(T: int, V: int, d: int, reps: int) -> list[dict]:
+    """Table 1: the LM head's step alone, unfused vs fused on the cpu and torch backends."""
+    default_chunk = choose_chunk_size(T, V, d)
+    chunks = sorted({c for c in (2048, 8192, default_chunk, V) if c <= V})
+    rows = []
+    for clip in (None, 1e-3):
+        cases = [("unfused (logits + autograd + torch SGD)", None, "-")]
+        for c in chunks:
+            label = f"fused, chunk {c}" + (" (default)" if c == default_chunk else "") + (" (one chunk)" if c == V else "")
+            cases += [(label, c, "cpu"), (label, c, "torch")] if c == default_chunk else [(label, c, "cpu")]
+        base = None
+        for label, chunk, backend in cases:
+            def maker():
+                H, W, labels = make(T, V, d)
+                return unfused_step(H, W, labels, clip) if chunk is None else fused_step(H, W, labels, clip, chunk,
+                                                                                         backend)
+            t = time_fn(maker(), repeats=reps, warmup=1)
+            peak = peak_bytes_profiled(maker()) / MiB
+            base = base or t.median_ms
+            rows.append({"path": label, "backend": backend, "value clip": "none" if clip is None else clip,
+                         "ms (median)": t.median_ms, "IQR ms": t.spread, "CPU ms": t.cpu_median_ms,
+                         "vs unfused": t.median_ms / base, "peak MiB": peak})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _step_memory(base_model, batch, fused: bool) -> dict:
+    from lomo_kernels.memory.methods import StepConfig, Trainer
+    from lomo_kernels.memory.tracker import CATEGORIES, MemoryTracker
+
+    model = copy.deepcopy(base_model)
+    tracker = MemoryTracker()
+    with tracker:
+        trainer = Trainer(model, StepConfig("lomo", lr=STEP_LR, fused_cross_entropy=fused), tracker)
+        tracker.adopt(batch.values(), "other")
+        trainer.step(batch)
+        tracker.reset_peak()
+        trainer.step(batch)
+    trainer.close()
+    report = tracker.report()
+    out = {"tracked peak MiB": report.peak_bytes / MiB}
+    out.update({f"{c} MiB": report.at_peak[c] / MiB for c in CATEGORIES})
+    return out
+
+
+STEP_LR = 1e-4
+
+
+def step_rows(T: int, V: int, reps: int, quick: bool) -> list[dict]:
+    """Table 2: a full Lomo training step of the CPU benchmark model, fused loss vs the model's own."""
+    from lomo_kernels.memory.methods import StepConfig, Trainer
+
+    from .bench_cpu_speed import build_model, time_interleaved
+
+    base_model = build_model(quick, torch.float32, vocab=V)
+    V = base_model.config.vocab_size
+    g = torch.Generator().manual_seed(T)
+    ids = torch.randint(0, V, (1, T), generator=g)
+    batch = {"input_ids": ids, "labels": ids}
+    trainers = {}
+    for fused in (False, True):
+        trainers[fused] = Trainer(copy.deepcopy(base_model), StepConfig("lomo", lr=STEP_LR, fused_cross_entropy=fused))
+        reason = getattr(trainers[fused].optimizer, "fused_cross_entropy_reason", "")
+        print(f"fused_cross_entropy={fused}: {reason}", flush=True)
+    engaged = getattr(trainers[True].optimizer, "fused_cross_entropy", None)
+    times = time_interleaved({f: (lambda b, t=t: t.step(b)) for f, t in trainers.items()}, batch, reps)
+    for t in trainers.values():
+        t.close()
+    n_params = sum(p.numel() for p in base_model.parameters())
+    rows = []
+    for fused in (False, True):
+        wall, cpu = times[fused]
+        row = {"step": "Lomo, fused loss (no logits)" if fused else "Lomo, model's own loss (logits)",
+               "params M": n_params / 1e6, "tokens": T, "vocab": V, "ms (median)": wall, "CPU ms": cpu,
+               "vs own loss": wall / times[False][0], "CPU vs own loss": cpu / times[False][1]}
+        row.update(_step_memory(base_model, batch, fused))
+        rows.append(row)
+        print(row, flush=True)
+    if engaged is False:
+        raise RuntimeError("the fused loss did not engage on the benchmark model: "
+                           + str(getattr(trainers[True].optimizer, "fused_cross_entropy_reason", "")))
+    return rows
+
+
+def run(out_dir: str, quick: bool = False, tokens: int = 512, vocab: int = 32000, hidden: int = 512,
         repeats: int = 9) -> list[dict]:
-    """The table (``out_dir``/linear_cross_entropy.md and .csv); ``quick``: tiny shapes, 2 repeats.
+    """Both tables (``out_dir``/linear_cross_entropy.md and .csv); ``quick``: tiny shapes, 2 repeats.
     Same signature as the suites of ``bench.run_all`` (register it there as "linear_cross_entropy")."""
     T, V, d, reps = tokens, vocab, hidden, repeats
     if quick:
         T, V, d, reps = 64, 1000, 32, 2
-    default_chunk = choose_chunk_size(T, V, d)
-    chunks = sorted({c for c in (1024, 2048, 4096, 8192, default_chunk, V) if c <= V})
-    rows = []
-    for clip in (None, 1e-3):
-        cases = [("unfused (logits + autograd + torch SGD)", None, unfused_step)]
-        cases += [(f"fused, chunk {c}" + (" (default)" if c == default_chunk else "") + (" (one chunk)" if c == V else ""),
-                   c, fused_step) for c in chunks]
-        base = None
-        for label, chunk, maker in cases:
-            H, W, labels = make(T, V, d)
-            fn = maker(H, W, labels, clip) if chunk is None else maker(H, W, labels, clip, chunk)
-            t = time_fn(fn, repeats=reps, warmup=1)
-            H, W, labels = make(T, V, d)
-            fn = maker(H, W, labels, clip) if chunk is None else maker(H, W, labels, clip, chunk)
-            peak = peak_bytes_profiled(fn) / MiB
-            base = base or t.median_ms
-            rows.append({"path": label, "value clip": "none" if clip is None else clip, "ms (median)": t.median_ms,
-                         "IQR ms": t.spread, "CPU ms": t.cpu_median_ms, "vs unfused": t.median_ms / base,
-                         "peak MiB": peak})
-            print(rows[-1], flush=True)
+    head = head_rows(T, V, d, reps)
+    step = step_rows(T, V, reps, quick)
     logits_mib = T * V * 4 / MiB
     grad_mib = V * d * 4 / MiB
-    notes = [f"{T} tokens, vocabulary {V}, hidden {d}, fp32, weight decay {WD}; {reps} repeats after 1 warm-up, "
-             "one process, run once (a shared 2-core machine: compare within this table only)",
-             f"the unfused step holds the fp32 logits ({logits_mib:.1f} MiB), their gradient (as much) and W.grad "
-             f"({grad_mib:.1f} MiB); the fused one holds one chunk's [T, C] tensors and no [V, d] tensor",
-             "peak MiB: allocated during the step and not yet freed, at the peak (torch profiler allocator events)",
-             "fused: the chunk's logits are computed twice (forward's log-sum-exp pass, backward's recompute): "
-             "4 GEMMs of T·V·d per step against the unfused path's 3"]
-    print(write_results(out_dir, "linear_cross_entropy", "Fused linear cross-entropy + LM-head update vs unfused (CPU)",
-                        rows, notes, device_record()))
-    return rows
+    dev = device_record()
+    by = {(r["path"], r["backend"], r["value clip"]): r["ms (median)"] for r in head}
+    default = next(r for r in head if "(default)" in r["path"] and r["backend"] == "cpu" and r["value clip"] == "none")
+    ratio_cpu_torch = default["ms (median)"] / by[(default["path"], "torch", "none")]
+    notes1 = [f"{T} tokens, vocabulary {V}, hidden {d}, fp32, weight decay {WD}; {reps} repeats after 1 warm-up, "
+              "one process, run once (a shared 2-core machine: compare within this table only)",
+              f"the unfused step holds the fp32 logits ({logits_mib:.1f} MiB), their gradient (as much) and W.grad "
+              f"({grad_mib:.1f} MiB); the fused one holds one chunk's [T, C] tensors and no [V, d] tensor",
+              "peak MiB: allocated during the step and not yet freed, at the peak (torch profiler allocator events)",
+              "fused: the chunk's logits are computed twice (forward's log-sum-exp pass, backward's recompute): "
+              "4 GEMMs of T·V·d per step against the unfused path's 3",
+              "backend cpu: the loss's chunk math is the torch reference's (no C++ kernel for it), the rows "
+              "update is the compiled C++ linear_update; backend torch: all reference. cpu / torch at the "
+              f"default chunk, no clipping: {ratio_cpu_torch:.3f}"]
+    notes2 = [f"the CPU benchmark model (bench_cpu_speed.build_model, vocabulary {V}), fp32, {T} tokens (batch 1), "
+              f"lomo_kernels.Lomo lr {STEP_LR} without clipping, through lomo_kernels.memory's Trainer; {reps} "
+              "interleaved repeats after a warm-up step each (the two steps take turns)",
+              "fused loss: the held model's labelled forward returns the fused linear cross-entropy's loss "
+              "(logits None), the LM head updated chunk by chunk in its backward; own loss: "
+              "Lomo(fused_cross_entropy=False), the model's logits and ForCausalLMLoss, the head's update fused "
+              "in its linear backward as every other weight's",
+              "memory: MemoryTracker, the peak of live tensor bytes of a steady-state (second) step, split by "
+              "category at the peak"]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "linear_cross_entropy.csv"), "w", newline="") as f:
+        keys = ["table"] + list(dict.fromkeys(k for r in head + step for k in r))
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows([{"table": "lm_head", **r} for r in head] + [{"table": "full_step", **r} for r in step])
+    md = os.path.join(out_dir, "linear_cross_entropy.md")
+    with open(md, "w") as f:
+        f.write("# Fused linear cross-entropy vs unfused (CPU)\n\n")
+        f.write("Device: " + "; ".join(f"{k} {v}" for k, v in dev.items()) + "\n\n")
+        f.write("## 1. The LM head's step alone\n\n" + "".join(f"- {n}\n" for n in notes1))
+        f.write("\n" + markdown_table(head) + "\n\n")
+        f.write("## 2. A full training step, fused loss vs the model's own\n\n" + "".join(f"- {n}\n" for n in notes2))
+        f.write("\n" + markdown_table(step) + "\n")
+    print(md)
+    return head + step
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke run)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))

@@ -265,10 +265,12 @@ def _logits_config(dtype: torch.dtype) -> dict:
     return dict(BLOCK_T=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
-def _grad_hidden_config() -> dict:
+def _grad_hidden_config(weight_dtype: torch.dtype) -> dict:
     if INTERPRETED:
         return dict(BLOCK_T=16, BLOCK_V=16, BLOCK_D=32)
-    return dict(BLOCK_T=64, BLOCK_V=32, BLOCK_D=64, num_warps=4, num_stages=3)
+    if weight_dtype == torch.float32:
+        return dict(BLOCK_T=64, BLOCK_V=32, BLOCK_D=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_T=64, BLOCK_V=32, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
 def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
@@ -364,7 +366,7 @@ def grad_hidden_add_(grad_h: torch.Tensor, dr: torch.Tensor, weight: torch.Tenso
         return
     if dr.stride(1) != 1:
         dr = dr.contiguous()
-    cfg = _grad_hidden_config()
+    cfg = _grad_hidden_config(weight.dtype)
     grid = (triton.cdiv(tokens, cfg["BLOCK_T"]), triton.cdiv(d, cfg["BLOCK_D"]))
     with device_guard(grad_h.device):
         _grad_hidden_kernel[grid](dr, weight, grad_h, tokens, n, v0, d, dr.stride(0), weight.stride(0),
@@ -381,8 +383,10 @@ def rows_update(weight: torch.Tensor, row0: int, x: torch.Tensor, grad_out: torc
     if n_rows == 0 or in_features == 0:
         return
     dot_in_fp32, precision = _operands(x, grad_out)
-    cfg = _tu._gemm_config(torch.float32 if dot_in_fp32 else x.dtype)
     scaled = row_scale is not None
+    cfg = _tu._gemm_config(torch.float32 if dot_in_fp32 else x.dtype)  # triton_update's linear-kernel tiles
+    if scaled and not INTERPRETED:
+        cfg = dict(cfg, num_warps=8)  # the scale vectors' registers: 4 warps spilled 4 bytes on sm_90 (fp32)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_OUT"]), triton.cdiv(in_features, cfg["BLOCK_IN"]))
     with device_guard(weight.device):
         _rows_update_kernel[grid](
