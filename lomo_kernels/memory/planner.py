@@ -9,9 +9,15 @@ What is modelled, and what is not:
 * the tracked bytes are tensor storages the step creates (what a caching allocator would be asked
   for); allocator fragmentation, the CUDA context and kernel workspaces are not included;
 * fused ops (``lomo_kernels``' custom ops) allocate nothing in the plan, as the Triton/CUDA kernels
-  keep the weight-gradient tiles in registers; scalar reads (loss-scale overflow checks, the grad
-  norm) read 0 (or False) under fake tensors: finite, no overflow, no out-of-range index, so every
-  step takes the ordinary path; ``unique``/``nonzero`` are sized for the worst case (all distinct);
+  keep the weight-gradient tiles in registers (the fused cross-entropy's forward too: one Triton kernel;
+  its per-chunk logit gradients are op outputs and are counted, with chunks sized for an accelerator's
+  64 MiB budget; the CPU reference allocates its chunks inside the ops, which the plan leaves out);
+  scalar reads (loss-scale overflow checks, the grad norm, APOLLO's limiter) read 0 (or False) under
+  fake tensors: finite, no overflow, no out-of-range index, so every step takes the ordinary path;
+  ``unique``/``unique_consecutive``/``nonzero`` are sized for the worst case (all distinct);
+* ``nn.Module.to()`` fails on fake parameters (torch swaps parameter objects, and refuses ones with a weak
+  reference, which FakeTensorMode keeps): while peft wraps the model (``lora``) the swap falls back to
+  ``.data`` assignment, for fake tensors only (``methods._fake_safe_module_to``);
 * HiFT methods update one group of layers per step: two whole cycles run (the first creates every
   group's state) and the peak is the second cycle's, i.e. the worst group's step; optimizer state moved to
   the host is reported apart (``host_bytes``), not in the per-GPU total; ``setup_peak_bytes`` is the
@@ -24,6 +30,7 @@ What is modelled, and what is not:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -133,7 +140,7 @@ def _measure_uncached(config, dtype, batch_size, seq_len, checkpointing, attn, s
     """Split at the peak of the second of two steps (HiFT: cycles) on the fake model; gathered-layer bytes;
     parameter count (of the model as built: LoRA's adapters not included); host and setup peaks."""
     tracker = MemoryTracker()
-    with FakeTensorMode(allow_non_fake_inputs=False), _DataFreeAnswers():
+    with FakeTensorMode(allow_non_fake_inputs=False), _DataFreeAnswers(), _accelerator_loss_chunks():
         net = build_model(config, DTYPES[dtype], checkpointing, attn)
         n_params = sum(p.numel() for p in net.parameters())
         gathered = largest_block_bytes(net)
@@ -151,6 +158,23 @@ def _measure_uncached(config, dtype, batch_size, seq_len, checkpointing, attn, s
         report = tracker.report()
         extra = {"host_peak": report.host_peak, "setup_peak": setup_peak}
         return report.at_peak, gathered, n_params, extra
+
+
+@contextlib.contextmanager
+def _accelerator_loss_chunks():
+    """The fused cross-entropy sizes its vocabulary chunks by the weight's device (16 MiB budget on CPU, 64 MiB
+    on accelerators); the fake model sits on "cpu", so plan with the accelerator's budget."""
+    try:
+        from ..ops import linear_cross_entropy as lce
+    except ImportError:
+        yield
+        return
+    saved = dict(lce.DEFAULT_MEMORY_BUDGET)
+    lce.DEFAULT_MEMORY_BUDGET["cpu"] = lce.DEFAULT_MEMORY_BUDGET["other"]
+    try:
+        yield
+    finally:
+        lce.DEFAULT_MEMORY_BUDGET.update(saved)
 
 
 def largest_block_bytes(model: nn.Module) -> int:
