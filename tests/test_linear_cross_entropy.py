@@ -475,3 +475,40 @@ def test_one_call_op_under_fake_tensor_mode():
         stats = torch.zeros(2)
         lk.linear_cross_entropy_grad_sqnorm_(stats, H, W, labels, chunk_size=4096)
     assert dh.shape == H.shape and dh.dtype == torch.bfloat16 and db is None and loss.shape == ()
+
+
+# --- backends -------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not lk.available_backends()["cpu"].available, reason="the compiled cpu backend is not built")
+@pytest.mark.parametrize("wdtype,rounding,clip", [(torch.float32, "nearest", None), (torch.float32, "nearest", 2e-3),
+                                                  (torch.bfloat16, "stochastic", None)])
+def test_cpu_backend_equals_torch_backend(wdtype, rounding, clip):
+    """backend="cpu": the reference loss math with the C++ rows update; = backend="torch" (fp32 W ≤ 1e-5 of the
+    update plus one ulp; bf16 W within one ulp, < 1% of elements differing), loss and dH equal."""
+    H, W, labels = _inputs(V=300, dtype=torch.float32, seed=21)
+    W = W.to(wdtype)
+    out = {}
+    for backend in ("torch", "cpu"):
+        Wb = W.clone()
+        loss, gh, _ = lce.linear_cross_entropy_update_(_flat_hidden(H), Wb, _flat_shifted_labels(labels), lr=0.3,
+                                                       weight_decay=0.1, clip_value=clip, rounding=rounding, seed=4,
+                                                       chunk_size=128, backend=backend)
+        out[backend] = (loss, gh, Wb)
+    (l_t, g_t, w_t), (l_c, g_c, w_c) = out["torch"], out["cpu"]
+    assert l_c.item() == l_t.item() and torch.equal(g_c, g_t)  # the same torch math
+    if wdtype == torch.float32:
+        ulp = torch.finfo(torch.float32).eps * w_t.abs().max().item()
+        assert (w_c - w_t).abs().max().item() <= 1e-5 * (w_t - W).abs().max().item() + ulp
+    else:
+        c32, t32 = w_c.float(), w_t.float()
+        assert bool(((c32 - t32).abs() <= torch.finfo(wdtype).eps * torch.maximum(c32.abs(), t32.abs())).all())
+        assert (c32 != t32).float().mean().item() < 0.01 and not torch.equal(w_c, W)
+
+
+def _flat_hidden(H):
+    return H.reshape(-1, H.shape[-1])
+
+
+def _flat_shifted_labels(labels):
+    from lomo_kernels.fused_cross_entropy import shift_labels
+    return shift_labels(labels).reshape(-1)

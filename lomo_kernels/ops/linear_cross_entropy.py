@@ -27,6 +27,15 @@ vocabulary chunk ``[v0, v1)`` at a time.
   (or the norm phase's ``‖G/loss_scale‖²``) applied chunk by chunk — ``lomo_kernels.fused_cross_entropy``
   wraps the same loop in an autograd Function for any optimizer rule.
 
+Backends (``LossConfig.backend``, resolved from ``backend=`` as every op here: ``auto`` = triton on CUDA
+tensors, else cpu): ``triton`` runs ``kernels/triton_linear_cross_entropy.py`` (forward in one launch over
+the whole vocabulary, per chunk a dlogits kernel, a ``dH += dr·W_c`` kernel and the rows update with
+``triton_update``'s epilogue). ``cpu`` and ``torch`` run the torch math below; on ``cpu`` the rows update is
+the compiled C++ ``linear_update``. There is deliberately no C++ kernel for the loss: at 512 tokens ×
+32000 × 512 the four chunk GEMMs (forward logits, recomputed logits, ``dH``, ``G``) are ~95% of the step's
+CPU time and a C++ kernel would call the same BLAS; measured, the cpu path is 0.93-0.96× the torch
+backend's (bench/results/linear_cross_entropy.md).
+
 All arithmetic is fp32 whatever the input dtype (bf16/fp16 ``H``/``W`` are upcast, ``H`` once, ``W``
 one chunk at a time), which is also what transformers' loss does (``logits.float()``), except that
 there the logits were already rounded to the model dtype by the LM head's GEMM.
