@@ -34,11 +34,17 @@ class Case:
     checkpointing: bool = False  # layers recomputed inside backward: DeepSpeed gathers them a second time
     poisoned: tuple | None = None  # (step, rank) whose loss is made inf; a 4th step keeps 3 applied ones
     bf16: bool = False
+    frozen_small: bool = False  # 1-D parameters (norms, biases) frozen: their autograd gradients (bf16 sums
+    #                             over each rank's tokens) cannot match one process bit for bit
+    resume: bool = False  # save the state before the last step, then redo it from the loaded state
 
 
 CASES = {
-    "reduce_scatter": Case("Lomo", "reduce_scatter", dict(lr=0.05, weight_decay=0.01)),
-    "activation_gather": Case("Lomo", "activation_gather", dict(lr=0.05, weight_decay=0.01)),
+    # Lomo's LM head: through the fused cross-entropy (the default; its chunks' dr all-gathered), except in
+    # these two, where the model computes logits and the head takes the linear routes
+    "reduce_scatter": Case("Lomo", "reduce_scatter", dict(lr=0.05, weight_decay=0.01, fused_cross_entropy=False)),
+    "activation_gather": Case("Lomo", "activation_gather", dict(lr=0.05, weight_decay=0.01,
+                                                                fused_cross_entropy=False)),
     "reduce_scatter_clip": Case("Lomo", "reduce_scatter", dict(lr=0.5, clip_grad_norm=0.3)),
     "activation_gather_clip": Case("Lomo", "activation_gather", dict(lr=0.5, clip_grad_norm=0.3, clip_grad_value=0.02)),
     # both ranks must skip the step where only rank 1 saw a non-finite gradient
@@ -49,6 +55,26 @@ CASES = {
                                            dict(lr=0.05, clip_grad_norm=0.3, clip_grad_value=0.02)),
     # bf16 weights, nearest rounding: the same per-element rule, so it can be compared with one process
     "bf16_auto_clip": Case("Lomo", "auto", dict(lr=2.0, clip_grad_norm=0.3, rounding="nearest"), bf16=True),
+    # AdamW with shard-local moments; APOLLO with its all-reduced projected gradient (issue 11)
+    "adamw_reduce_scatter_clip": Case("AdamW", "reduce_scatter", dict(lr=0.01, weight_decay=0.1, clip_grad_norm=0.3),
+                                      resume=True),
+    "adamw_activation_gather_clip": Case("AdamW", "activation_gather",
+                                         dict(lr=0.01, weight_decay=0.1, clip_grad_norm=0.3, clip_grad_value=0.02)),
+    "apollo_auto_clip": Case("Apollo", "auto", dict(lr=0.01, rank=4, update_proj_gap=2, weight_decay=0.1,
+                                                    clip_grad_norm=0.3), resume=True),
+    "apollo_reduce_scatter_clip": Case("Apollo", "reduce_scatter", dict(lr=0.01, rank=4, update_proj_gap=2,
+                                                                        weight_decay=0.1, clip_grad_norm=0.3)),
+    "apollomini_activation_gather_clip": Case("ApolloMini", "activation_gather",
+                                              dict(lr=0.01, update_proj_gap=2, weight_decay=0.1, clip_grad_norm=0.3)),
+    # bf16 weights, stochastic rounding keyed by the element's index in the full parameter (issue 10):
+    # on the activation-gather route a shard rounds exactly like one process
+    "bf16_sr_lomo_gather": Case("Lomo", "activation_gather", dict(lr=2.0, weight_decay=0.01), bf16=True,
+                                frozen_small=True),
+    "bf16_sr_adamw_gather": Case("AdamW", "activation_gather", dict(lr=0.01, weight_decay=0.1,
+                                                                    state_dtype=torch.bfloat16),
+                                 bf16=True, frozen_small=True),
+    "bf16_sr_adamw_auto_clip": Case("AdamW", "auto", dict(lr=0.01, weight_decay=0.1, clip_grad_norm=0.3,
+                                                          state_dtype=torch.bfloat16), bf16=True),
 }
 
 
@@ -102,27 +128,61 @@ def run_case(name, rank):
         model = LlamaForCausalLM(LlamaConfig(**MODEL))
     if case.checkpointing:
         model.gradient_checkpointing_enable()
+    if case.frozen_small:
+        for p in model.parameters():
+            p.requires_grad_(len(p.ds_shape) != 1)
     optimizer = getattr(optim, case.optimizer)(model, backend="torch", **case.args)
     updater = attach(optimizer, ds_config, strategy=case.strategy)
     initial = updater.full_state_dict()
     records, norms, skipped = [], [], []
     trace_linear_updates(updater, records)
     data = batches()
-    for step in range(STEPS + (case.poisoned is not None)):
+    n_steps = STEPS + (case.poisoned is not None)
+
+    def train_step(step):
         ids = data[step, rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
         loss = model(input_ids=ids, labels=ids).loss
         if (step, rank) == case.poisoned:
             loss = loss * float("inf")
-        if optimizer.clip_grad_norm is not None:
-            norms.append(optimizer.grad_norm(loss))
+        norm = optimizer.grad_norm(loss) if optimizer.clip_grad_norm is not None else None
         optimizer.fused_backward(loss, optimizer.lr)
+        return norm
+
+    snapshot = None
+    for step in range(n_steps):
+        if case.resume and step == n_steps - 1:
+            snapshot = updater.state_dict()  # clones: this rank's shards and optimizer state
+        norm = train_step(step)
+        if norm is not None:
+            norms.append(norm)
         skipped.append(optimizer.skipped_step)
-    result = dict(asdict(case), initial=initial, final=updater.full_state_dict(), norms=norms, records=records,
+    final = updater.full_state_dict()
+    result = dict(asdict(case), initial=initial, final=final, norms=norms, records=records,
                   skipped=skipped, routes=dict(updater.last_strategy),
-                  persistent=sorted(n for n, p in model.named_parameters() if p.ds_persist))
-    if name in ("reduce_scatter", "adalomo_reduce_scatter"):
+                  persistent=sorted(n for n, p in model.named_parameters() if p.ds_persist),
+                  memory=state_memory(updater),
+                  fused_loss=updater.last_strategy.get("lm_head.weight") == "fused_loss")
+    if name in ("reduce_scatter", "adalomo_reduce_scatter", "adamw_reduce_scatter_clip"):
         result["resume"] = check_resume(updater)
+    if case.resume:  # the last step again, from the state saved before it: the same bits
+        updater.load_state_dict(snapshot)
+        train_step(n_steps - 1)
+        again = updater.full_state_dict()
+        result["resume_exact"] = all(torch.equal(again[n], t) for n, t in final.items())
     return result
+
+
+def state_memory(updater):
+    """Per rank: elements of optimizer state by kind, against this rank's shards and the full model."""
+    opt = updater.optimizer
+    params = dict(opt.model.named_parameters())
+    adam = {n: (opt.exp_avg[n].numel(), opt.exp_avg_sq[n].numel(),
+                updater.shards[id(params[n])].end - updater.shards[id(params[n])].start, int(params[n].ds_numel))
+            for n in getattr(opt, "exp_avg", {})}
+    projected = {n: (st.exp_avg.numel() + st.exp_avg_sq.numel() + (st.projector.numel() if st.projector is not None
+                                                                    else 0), int(params[n].ds_numel))
+                 for n, st in getattr(opt, "projectors", {}).items()}
+    return dict(adam=adam, projected=projected)
 
 
 def check_resume(updater):
@@ -160,7 +220,8 @@ def worker(rank, out_file, port):
     import transformers  # noqa: F401  -- import model classes before zero.Init patches tensor construction
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {name: run_case(name, rank) for name in CASES}
+    chosen = os.environ.get("ZERO3_CASES")  # a comma-separated subset (development runs)
+    results = {name: run_case(name, rank) for name in (chosen.split(",") if chosen else CASES)}
     if rank == 0:
         torch.save(dict(results=results, batches=batches(), model=MODEL), out_file)
 
