@@ -86,7 +86,15 @@ def fused_cross_entropy_supported(method: str = "lomo") -> bool:
     name = _OPTIMIZER_CLASS.get(method)
     if name is None:
         return False
-    return "fused_cross_entropy" in inspect.signature(getattr(lomo_kernels, name).__init__).parameters
+    for cls in getattr(lomo_kernels, name).__mro__:  # through **kwargs to the class that names its keywords
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters
+        if "fused_cross_entropy" in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
 
 
 class MasterWeights:
