@@ -6,7 +6,8 @@
 
 The sweep is ``tests.test_architecture_sweep:sweep_results`` (``--sweep MODULE:FUNCTION`` for another):
 a function of no arguments returning one dict per architecture, ``{"model_type", "status": "ok" |
-"skipped" | "failed" | (any other, e.g. "refused"), "reason", "max_rel_err_lomo", "max_rel_err_adalomo"}``
+"skipped" | "failed" | (any other, e.g. "refused"), "reason", "max_rel_err_lomo", "max_rel_err_adalomo",
+"fused_loss"}``
 (``lomo_err`` / ``adalomo_err`` are read as the two errors too). Without that module the
 table comes from the build-only check of tests/tiny_archs.py (a tiny random model of each type is built,
 runs forward with labels to a finite loss and backpropagates). Either way every row also gets notes on
@@ -161,7 +162,8 @@ def render(rows: list[dict], source: str, notes: dict | None, why: str = "") -> 
             "unused (vision/audio towers, cross-attention of decoder-only BART-style models).",
             "",
         ]
-    header = "| architecture | status | " + ("max rel. error (Lomo / AdaLomo) or reason" if sweep else "details / reason")
+    header = "| architecture | status | " + ("max rel. error (Lomo / AdaLomo; fused loss: trained through the fused "
+                                           "cross-entropy) or reason" if sweep else "details / reason")
     header += " | notes |" if notes is not None else " |"
     lines.append(header)
     lines.append("|---|---|---|" + ("---|" if notes is not None else ""))
@@ -170,6 +172,8 @@ def render(rows: list[dict], source: str, notes: dict | None, why: str = "") -> 
         errs = (_first(r, "max_rel_err_lomo", "lomo_err"), _first(r, "max_rel_err_adalomo", "adalomo_err"))
         if sweep and (status == "ok" or any(e is not None for e in errs)):
             detail = f"{_fmt_err(errs[0])} / {_fmt_err(errs[1])}"
+            if r.get("fused_loss"):
+                detail += ", fused loss"
             if r.get("reason"):
                 detail += f" ({r['reason']})"
         else:
@@ -202,6 +206,10 @@ def _update_readme(path: str, rows: list, counts: dict) -> None:
     for status in sorted(by_status):
         names = sorted(by_status[status])
         lines.append(f"* {status} ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
+    fused = sorted(r["model_type"] for r in rows if r.get("fused_loss"))
+    if fused:
+        lines.append(f"* of those ok, trained through the fused cross-entropy ({len(fused)}; the others' loss comes "
+                     "from logits): " + ", ".join(f"`{n}`" for n in fused))
     lines += ["", README_END]
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
