@@ -127,6 +127,8 @@ def test_attach_refuses_before_touching_the_model():
         attach(optimizer, {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
     with pytest.raises(ValueError, match="strategy must be one of"):
         attach(optimizer, GOOD, strategy="allreduce")
+    with pytest.raises(ValueError, match="projected= is for Apollo"):
+        attach(optimizer, GOOD, projected=["lm_head.weight"])
     with pytest.raises(ValueError, match="not ZeRO-3 partitioned.*deepspeed.zero.Init"):
         attach(optimizer, GOOD)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
@@ -302,6 +304,11 @@ def test_resume_redoes_the_last_step_exactly(two_rank_run, case):
     assert two_rank_run["results"][case]["resume_exact"]
 
 
+def test_apollo_rank_larger_than_a_projected_weight_is_refused(two_rank_run):
+    """Checked against the full shapes (zero.Init's placeholders hide them), before DeepSpeed is set up."""
+    assert "rank must be <= min(m, n)" in two_rank_run["results"]["apollo_auto_clip"]["refused_rank"]
+
+
 def test_adamw_moments_are_shard_local(two_rank_run):
     """AdamW's m and v of each parameter cover this rank's shard only (1/W of the weight); APOLLO keeps
     rank-sized state (moments of R, projector) for its projected weights and AdamW moments for the rest."""
@@ -353,3 +360,27 @@ def test_launcher_entry_point_trains_saves_and_exports(tmp_path):
     for name in before:
         assert before[name].shape == after[name].shape
         assert not torch.equal(before[name], after[name]), f"{name} was not trained"
+
+
+def test_launcher_builds_each_optimizer():
+    """zero3_train's --optimizer choices and their options (no process group: a plain tiny model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lomo_kernels.integrations.zero3_train import make_optimizer, parse_args
+
+    base = ["--model", "m", "--data", "d", "--ds-config", "c", "--output", "o", "--clip-grad-norm", "1.0"]
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    for choice, cls, extra in (("adamw", "AdamW", ["--state-dtype", "bf16"]), ("apollo", "Apollo", ["--apollo-rank", "4"]),
+                               ("apollo-mini", "ApolloMini", []), ("lomo", "Lomo", [])):
+        optimizer = make_optimizer(parse_args(base + ["--optimizer", choice] + extra), model)
+        assert type(optimizer).__name__ == cls
+        if choice == "adamw":
+            assert optimizer.state_dtype == torch.bfloat16
+        if choice == "apollo":
+            assert optimizer.rank == 4
+        optimizer.close()
+    with pytest.raises(ValueError, match="--apollo-rank is for apollo"):
+        make_optimizer(parse_args(base + ["--optimizer", "adamw", "--apollo-rank", "4"]), model)
+    with pytest.raises(ValueError, match="--state-dtype is for"):
+        make_optimizer(parse_args(base + ["--optimizer", "lomo", "--state-dtype", "bf16"]), model)

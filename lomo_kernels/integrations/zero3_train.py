@@ -1,4 +1,4 @@
-"""Multi-process fine-tuning of a Hugging Face causal LM with fused Lomo/AdaLomo on DeepSpeed ZeRO-3.
+"""Multi-process fine-tuning of a Hugging Face causal LM with fused Lomo/AdaLomo/AdamW/APOLLO on DeepSpeed ZeRO-3.
 
 Launch one process per GPU with DeepSpeed's launcher (python/launch_zero3.sh does)::
 
@@ -25,6 +25,27 @@ import torch.distributed as dist
 from .zero3_shard import STRATEGIES, check_resume, check_zero3_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = {"lomo": "Lomo", "adalomo": "AdaLomo", "adamw": "AdamW", "apollo": "Apollo", "apollo-mini": "ApolloMini"}
+
+
+def make_optimizer(args, model):
+    """The fused optimizer named by ``--optimizer`` with the run's options."""
+    from .. import optim
+
+    kwargs = dict(lr=args.lr, clip_grad_norm=args.clip_grad_norm, weight_decay=args.weight_decay, seed=args.seed)
+    if args.clip_grad_value is not None:
+        kwargs["clip_grad_value"] = args.clip_grad_value  # APOLLO refuses it (no thin-GEMM form)
+    if args.optimizer in ("adamw", "apollo", "apollo-mini"):
+        kwargs["state_dtype"] = DTYPES[args.state_dtype]
+    elif args.state_dtype != "fp32":
+        raise ValueError(f"--state-dtype is for adamw/apollo/apollo-mini, not {args.optimizer}")
+    if args.optimizer in ("apollo", "apollo-mini"):
+        kwargs["update_proj_gap"] = args.update_proj_gap
+        if args.apollo_rank is not None:
+            kwargs["rank"] = args.apollo_rank
+    elif args.apollo_rank is not None:
+        raise ValueError(f"--apollo-rank is for apollo/apollo-mini, not {args.optimizer}")
+    return getattr(optim, OPTIMIZERS[args.optimizer])(model, **kwargs)
 
 
 def parse_args(argv=None):
@@ -34,7 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--ds-config", required=True, help="DeepSpeed JSON config (ZeRO stage 3, no optimizer section)")
     p.add_argument("--output", required=True, help="directory for shard checkpoints and the exported model")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    p.add_argument("--optimizer", choices=("lomo", "adalomo"), default="lomo")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="lomo")
+    p.add_argument("--state-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="AdamW/APOLLO moments (sharded per rank for AdamW; APOLLO's are rank-sized)")
+    p.add_argument("--apollo-rank", type=int, help="APOLLO's projection rank (default: 256; APOLLO-Mini: 1)")
+    p.add_argument("--update-proj-gap", type=int, default=200, help="APOLLO: steps between projector refreshes")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip-grad-norm", type=float)
@@ -90,7 +115,6 @@ def main(argv=None) -> None:
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoTokenizer
 
-    from ..optim import AdaLomo, Lomo
     from ..training.data import TokenizerAdapter, pack, read_documents
     from .deepspeed import attach
 
@@ -109,9 +133,7 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = pack(read_documents(args.data), TokenizerAdapter(tokenizer), args.seq_len, source=" ".join(args.data))
     model = build_model(args, ds_config, DTYPES[args.dtype])
-    optimizer = (Lomo if args.optimizer == "lomo" else AdaLomo)(
-        model, lr=args.lr, clip_grad_norm=args.clip_grad_norm, clip_grad_value=args.clip_grad_value,
-        weight_decay=args.weight_decay, seed=args.seed)
+    optimizer = make_optimizer(args, model)
     updater = attach(optimizer, ds_config, strategy=args.strategy)
     start = 0
     if resume_state is not None:
