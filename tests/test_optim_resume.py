@@ -1,7 +1,8 @@
 """Exact resume: 6 steps in one go equal 3 steps, save, load into a *fresh process*, 3 more steps,
 bit for bit. Covers what a checkpoint must carry: AdaLomo statistics and step (β2 schedule), the fp16
-loss scaler (its scale changes every 2 clean steps here), and the step counter that seeds bf16
-stochastic rounding."""
+loss scaler (its scale changes every 2 clean steps here), the step counter that seeds bf16
+stochastic rounding, AdamW's moments (bf16), APOLLO's projector seeds and limiter norms, and HiFT's
+position, permutation and per-group states."""
 import os
 import subprocess
 import sys
@@ -18,6 +19,14 @@ CONFIGS = {
     "lomo-bf16": (torch.bfloat16, lambda m: lk.Lomo(m, lr=1e-2, clip_grad_norm=1.0, weight_decay=0.1, seed=7)),
     "lomo-fp16": (torch.float16, lambda m: lk.Lomo(m, lr=1e-2, loss_scale_args=dict(init_scale=2**10, scale_window=2))),
     "adalomo": (torch.float32, lambda m: lk.AdaLomo(m, lr=1e-2, clip_grad_norm=1.0, weight_decay=0.1)),
+    # m and v in bf16 (stochastically rounded: the seed sequence), the bias-correction step
+    "adamw-bf16-state": (torch.float32, lambda m: lk.AdamW(m, lr=1e-2, clip_grad_norm=1.0, weight_decay=0.1,
+                                                           state_dtype=torch.bfloat16)),
+    # projections refreshed at steps 0, 2, 4 from advanced seeds, the limiter's previous norms
+    "apollo": (torch.float32, lambda m: lk.Apollo(m, lr=1e-2, rank=4, update_proj_gap=2, weight_decay=0.1)),
+    # HiFT's cycle position, the next cycle's permutation, per-group clocks, over ApolloMini
+    "hift-apollo-mini": (torch.float32, lambda m: lk.HiFT(lk.ApolloMini(m, lr=1e-2, update_proj_gap=2),
+                                                          strategy="random", seed=5)),
 }
 
 
