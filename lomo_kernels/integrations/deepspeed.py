@@ -666,8 +666,9 @@ def attach(optimizer: FusedOptimizer, ds_config: dict, *, strategy: str = "auto"
         _shard_adamw_moments(optimizer, updater)
     optimizer.reroute(updater)
     model.register_forward_hook(updater.snapshot_backward_counters)
-    if getattr(optimizer, "fused_cross_entropy", False):
-        model.get_output_embeddings().register_forward_pre_hook(updater.keep_head_gathered)
+    head = model.get_output_embeddings() if getattr(optimizer, "fused_cross_entropy", False) else None
+    if head is not None and updater.lm_head_updater(head.weight) is not None:  # the fused loss will engage
+        head.register_forward_pre_hook(updater.keep_head_gathered)
     return updater
 
 
