@@ -253,13 +253,12 @@ def test_routes_taken(two_rank_run):
 
 
 def test_lm_head_update_inside_the_fused_loss(two_rank_run):
-    """Under ZeRO-3 the LM head of Lomo, AdamW and APOLLO (AdamW-ruled head) is updated inside the fused
-    cross-entropy (no logits) unless turned off; AdaLomo's takes the logits route (no ZeRO-3 adapter for
-    its three-pass rule in the fused loss yet)."""
+    """Under ZeRO-3 the LM head of Lomo, AdaLomo, AdamW and APOLLO (AdamW-ruled head) is updated inside the
+    fused cross-entropy (no logits) unless turned off."""
     results = two_rank_run["results"]
     for case in CASES:
         result = results[case]
-        expected = result["optimizer"] != "AdaLomo" and result["args"].get("fused_cross_entropy", True)
+        expected = result["args"].get("fused_cross_entropy", True)
         assert result["fused_loss"] == expected, case
         assert (result["routes"]["lm_head.weight"] == "fused_loss") == expected, case
 

@@ -161,10 +161,12 @@ class Zero3Updater:
         self._apply_source(param, info, _FlatSource(info, self._reduce_scatter(padded, info)), projected)
 
     def lm_head_updater(self, param):
-        """The fused cross-entropy's LM-head adapter for element-wise rules (``Lomo``, ``AdamW`` and an
-        AdamW-ruled ``Apollo`` head); None (the model's loss from logits) otherwise."""
+        """The fused cross-entropy's LM-head adapter (``Lomo``, ``AdamW`` and an AdamW-ruled ``Apollo`` head,
+        ``AdaLomo`` with ``statistics="recompute"``); None (the model's loss from logits) otherwise."""
         opt, info = self.optimizer, self.shards.get(id(param))
-        if info is None or not isinstance(opt, (Lomo, AdamW)):
+        if info is None or not isinstance(opt, (Lomo, AdamW, AdaLomo)):
+            return None
+        if isinstance(opt, AdaLomo) and (opt.statistics != "recompute" or len(info.shape) != 2):
             return None
         if isinstance(opt, AdamW) and info.name not in opt.exp_avg:  # an APOLLO-projected head
             return None
@@ -542,12 +544,13 @@ class _Zero3LMHead:
     of the applying backward, as DeepSpeed gathers a module for its forward and backward); per vocabulary
     chunk ``[v0, v1)`` the chunk's ``dr`` of every rank is all-gathered (``H`` once per pass), and this rank
     updates only the part of rows ``[v0, v1)`` its shard holds (activation-gather: neither the logits nor
-    any gradient rows beyond chunk x shard exist). ``Lomo`` and ``AdamW`` (``Apollo``'s AdamW-ruled head);
-    ``AdaLomo`` declines (its three passes need all-reduced statistics: the model computes logits)."""
+    any gradient rows beyond chunk x shard exist). ``Lomo`` and ``AdamW`` (``Apollo``'s AdamW-ruled head) in
+    one pass; ``AdaLomo`` in its three (row/column sums of u², then Σ(r u c)², then the update), each
+    pass's partial statistics all-reduced at its end (m+n numbers, then two)."""
 
     def __init__(self, updater: "Zero3Updater", param):
         self.z, self.param, self.info = updater, param, updater.shards[id(param)]
-        self.hs, self.rule = None, None
+        self.hs, self.rule, self.ada = None, None, None
 
     def passes(self, weight):
         z, opt = self.z, self.z.optimizer
@@ -555,6 +558,12 @@ class _Zero3LMHead:
         if not z._active():
             return ()
         z.last_strategy[self.info.name] = "fused_loss"
+        if opt.phase == "apply" and isinstance(opt, AdaLomo):
+            rows, cols = self.info.shape
+            device = self.param.ds_tensor.device
+            self.ada = dict(sums=torch.zeros(rows + cols, dtype=torch.float32, device=device),
+                            stats=torch.zeros(2, dtype=torch.float64, device=device))
+            return ("sums", "scaled_norm", "apply")
         if opt.phase == "apply" and isinstance(opt, AdamW):
             self.rule = opt.adam_rule(self.param)  # one rule (step, seed) for every chunk
         elif opt.phase == "apply":
@@ -575,10 +584,54 @@ class _Zero3LMHead:
         if start >= end:
             return
         source = _ActivationSource(info, self.hs, dys, start, end, row_base=v0)
-        z._apply_source(weight, info, source, rule=self.rule)
+        if pass_name in ("sums", "scaled_norm", "apply") and isinstance(z.optimizer, AdaLomo):
+            self._adalomo_chunk(pass_name, source)
+        else:
+            z._apply_source(weight, info, source, rule=self.rule)
+
+    def _adalomo_chunk(self, pass_name, source):
+        """AdaLomo's three passes on this rank's part of a chunk (``u = clamp(G / loss_scale, ±clip)``):
+        partial row/column sums of u², then partial ``Σ (r_i u_ij c_j)²``, then the update."""
+        opt, st, (rows, _) = self.z.optimizer, self.ada, self.info.shape
+        with torch.no_grad():
+            for chunk in source.chunks():
+                u = chunk.grad.mul_(1.0 / opt.loss_scale)
+                if opt.clip_grad_value is not None:
+                    u.clamp_(-opt.clip_grad_value, opt.clip_grad_value)
+                if pass_name == "sums":
+                    sq = u * u
+                    st["sums"][chunk.row0:chunk.row0 + chunk.rows] += sq.sum(dim=1)
+                    st["sums"][rows + chunk.col0:rows + chunk.col0 + chunk.cols] += sq.sum(dim=0)
+                    continue
+                u.mul_(st["row_scale"][chunk.row0:chunk.row0 + chunk.rows, None])
+                u.mul_(st["col_scale"][chunk.col0:chunk.col0 + chunk.cols])
+                if pass_name == "scaled_norm":
+                    st["stats"][0] += u.double().square().sum()
+                else:
+                    apply_rule_(_piece(self.param.ds_tensor, self.info, chunk.flat_start, chunk.rows, chunk.cols), u,
+                                st["rule"], flat_offset=chunk.flat_start)
 
     def end_pass(self, pass_name, weight):
         self.hs = None
+        opt = self.z.optimizer
+        if not isinstance(opt, AdaLomo) or pass_name not in ("sums", "scaled_norm"):
+            return
+        st, info, group = self.ada, self.info, self.z.group
+        rows, cols = info.shape
+        coef_sq = opt.clip_coef ** 2
+        if pass_name == "sums":  # whole-weight sums (m+n numbers), identical statistics on every rank
+            dist.all_reduce(st["sums"], group=group)
+            st["row_scale"], st["col_scale"] = opt.update_factored_stats(
+                info.name, st["sums"][:rows] * (coef_sq / cols), st["sums"][rows:] * (coef_sq / rows))
+            return
+        shard = _flat_shard(self.param, info)
+        st["stats"][1] = shard.double().square().sum()  # Σw² of the old weight, for lr·RMS(W)
+        dist.all_reduce(st["stats"], group=group)
+        update_sq, param_sq = st["stats"].tolist()
+        coef = opt.clip_coef * opt.normalizer(coef_sq * update_sq, info.numel)
+        lr = opt.lr * max(opt.eps[1], math.sqrt(param_sq / info.numel))
+        st["rule"] = UpdateRule.make(lr, opt.weight_decay_for(self.param), coef, 1.0, None,
+                                     opt._rounding_for(self.param), opt._seed_for(self.param), info.name)
 
 
 _KEEP_GATHERED = -0x10AD  # a ds_active_sub_modules entry no module has: DeepSpeed does not release the param
