@@ -264,11 +264,12 @@ class Zero3Updater:
         if rule is None:
             rule = opt.adam_rule(param)  # once per use: one seed, as on one device
         m, v = opt.exp_avg[info.name], opt.exp_avg_sq[info.name]
+        nonfinite = opt.nonfinite_counter(param)
         for chunk in source.chunks():
             g = reference_adamw.transform_gradient_(chunk.grad, rule)
             args = (info, chunk.flat_start, chunk.rows, chunk.cols)
             reference_adamw.adam_block_(_piece(param.ds_tensor, *args), _piece(m, *args), _piece(v, *args), g, rule,
-                                        flat_offset=chunk.flat_start)
+                                        flat_offset=chunk.flat_start, nonfinite=nonfinite)
 
     def _projected_gradient(self, param, info: _ShardInfo, *, x2=None, dy2=None, grad=None):
         """APOLLO's ``R`` of a projected weight in its applying phase: ``dyᵀ(x·Pᵀ)`` (right) or ``(dy·P)ᵀx``
@@ -316,11 +317,12 @@ class Zero3Updater:
         rule = UpdateRule.make(args["lr"], args["weight_decay"], args["coef"], args["loss_scale"], None,
                                args["rounding"], args["seed"], info.name)
         scaled = dataclasses.replace(rule, inv_loss_scale=1.0)
+        nonfinite = opt.nonfinite_counter(param)
         for chunk in source.chunks():
             g = chunk.grad.mul(rule.inv_loss_scale).mul_(row[chunk.row0:chunk.row0 + chunk.rows, None])
             g.mul_(col[chunk.col0:chunk.col0 + chunk.cols])
             apply_rule_(_piece(param.ds_tensor, info, chunk.flat_start, chunk.rows, chunk.cols), g, scaled,
-                        flat_offset=chunk.flat_start)
+                        flat_offset=chunk.flat_start, nonfinite=nonfinite)
 
     def _adalomo_shard_update(self, param, info: _ShardInfo, grad: torch.Tensor):
         """AdaLomo's rule (optim/adalomo.py) on a flat shard, with whole-parameter statistics."""
