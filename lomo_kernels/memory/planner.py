@@ -245,7 +245,8 @@ class PlanResult:
     # --sample-layers: relative error of the extrapolated total, measured at 3x the sampled depth
     extrapolation_error: float | None = None
     host_bytes: int = 0              # host memory the method keeps (HiFT's offloaded state), not in the total
-    setup_peak_bytes: int = 0        # peak before the measured step: construction and the warm-up step(s)
+    setup_peak_bytes: int = 0        # peak before the measured step: construction and the warm-up step(s),
+    #                                  unsharded (as measured on one GPU; world_size does not divide it)
     options: dict = field(default_factory=dict)  # the method's options (apollo_rank, lora_rank, hift_group_size,
     #                                              fused_cross_entropy) as planned
 
