@@ -73,8 +73,8 @@ def run(out_dir: str, quick: bool = False) -> list[dict]:
              f"batch x seq as listed (the LOMO-paper check uses {PAPER_BATCH} x {PAPER_SEQ})",
              "columns in GiB at the step's peak; torch-adamw/sgd (and hift-torch-adamw on 16-bit weights) keep fp32 "
              "master weights (counted as optimizer_state), lomo-optim runs with clip_grad_norm 1.0 (it requires "
-             "it for fp16); lomo/adalomo use their default fused cross-entropy where the installed optimizers "
-             "have it (options column empty = the default)",
+             "it for fp16); lomo_kernels' fused optimizers (lomo, adalomo, adamw, apollo, apollo-mini, hift-adamw) "
+             "run with their default fused cross-entropy (on: no logits) unless the options column says otherwise",
              "adamw = lomo_kernels.AdamW (fused, fp32 moments); apollo = lomo_kernels.Apollo rank 256, apollo-mini "
              "rank 1; apollo-torch = apollo-torch 1.0.3 APOLLOAdamW layer-wise (per-parameter optimizers in "
              "gradient hooks, bf16 weights stepped directly); lora = peft LoRA rank 8 on every attention/MLP "
