@@ -309,18 +309,20 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                bias: torch.Tensor | None = None, *, updater: LMHeadUpdater | None,
                                ignore_index: int = -100, num_items_in_batch=None, label_smoothing: float = 0.0,
                                softcap: float | None = None, shift: bool = False, chunk_size: int | None = None,
-                               memory_budget: int | None = None, name: str = "lm_head") -> torch.Tensor:
+                               memory_budget: int | None = None, backend: str = "auto",
+                               name: str = "lm_head") -> torch.Tensor:
     """The mean causal-LM loss of ``logits = hidden @ weightᵀ (+ bias)`` (see the module docstring) as an
     fp32 scalar; its backward gives ``hidden`` (and ``bias``) their gradients and ``updater`` the LM
     head's, chunk by chunk; ``weight`` gets no ``.grad``. ``hidden [..., d]``, ``labels`` with hidden's
-    leading shape (``shift=True``: unshifted, as transformers' ``labels=`` argument). Every check (shapes,
+    leading shape (``shift=True``: unshifted, as transformers' ``labels=`` argument). ``backend`` runs the
+    loss's own kernels (the updater's row updates follow the updater's backend). Every check (shapes,
     dtypes, the label range) runs here, before anything is computed or written."""
     if shift and isinstance(labels, torch.Tensor):
         labels = shift_labels(labels, ignore_index)
     hidden2, labels1 = lce.check_inputs(hidden, weight, labels, bias, ignore_index, name)
     cfg = lce.LossConfig.make(ignore_index, label_smoothing, softcap, chunk_size, tokens=hidden2.shape[0],
                               vocab=weight.shape[0], hidden=weight.shape[1], weight_dtype=weight.dtype,
-                              memory_budget=memory_budget, device=weight.device)
+                              memory_budget=memory_budget, device=weight.device, backend=backend)
     denom = lce.normalizer(labels1, cfg, num_items_in_batch)
     return FusedLinearCrossEntropy.apply(hidden2, weight, bias, labels1, denom, updater, cfg)
 

@@ -140,7 +140,8 @@ class FusedCausalLMLoss:
         with torch._C.DisableTorchFunction():  # the held weight is the Function's input, not a routed use
             loss = fused_linear_cross_entropy(hidden, head.weight, labels, head.bias, updater=self.site.loss_use(),
                                               shift=shift, num_items_in_batch=call["num_items_in_batch"],
-                                              softcap=self.softcap, name=self.site.name)
+                                              softcap=self.softcap, backend=self.hold.owner.backend,
+                                              name=self.site.name)
         aux_loss = getattr(output, "aux_loss", None)
         if aux_loss is not None:  # mixture-of-experts models add their router's balancing loss to the labels' loss
             loss = loss + module.router_aux_loss_coef * aux_loss.to(loss.device)
