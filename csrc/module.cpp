@@ -3,6 +3,10 @@
 // bundles its own pybind11, and this file uses the pybind11 the build requires.
 #include <pybind11/pybind11.h>
 
+#ifdef LOMO_WITH_CUDA
+#include "cuda/launch.h"
+#endif
+
 #ifndef LOMO_CUDA_ARCHS
 #define LOMO_CUDA_ARCHS ""
 #endif
@@ -28,4 +32,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   });
+#ifdef LOMO_WITH_CUDA
+  // (driver, runtime) CUDA versions as 1000*major + 10*minor: lomo_kernels.kernels.native checks them
+  m.def("cuda_versions", [] { return pybind11::make_tuple(lomo::cuda::driver_version(), lomo::cuda::runtime_version()); });
+#endif
 }

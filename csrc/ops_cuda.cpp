@@ -123,10 +123,81 @@ void dense_grad_sqnorm(const at::Tensor& stats, const at::Tensor& grad, double i
                           static_cast<float>(inv_loss_scale));
 }
 
+// ---- AdamW ----------------------------------------------------------------------------------------
+
+void check_moments(const at::Tensor& w, const at::Tensor& m, const at::Tensor& v) {
+  for (const at::Tensor* s : {&m, &v}) {
+    TORCH_CHECK(s->device() == w.device() && s->is_contiguous() && s->sizes() == w.sizes() &&
+                    (s->scalar_type() == at::kFloat || s->scalar_type() == at::kBFloat16),
+                "lomo_kernels_C: exp_avg and exp_avg_sq must be contiguous float32 or bfloat16 tensors of the weight's "
+                "shape on ", w.device());
+  }
+  TORCH_CHECK(m.scalar_type() == v.scalar_type(), "lomo_kernels_C: exp_avg and exp_avg_sq must have one dtype");
+}
+
+#define LOMO_ADAM_SCALARS                                                                                      \
+  double decay, double step, double beta1, double beta2, double denom_div, double eps, double inv_loss_scale, \
+      double clip_value, double coef, bool stochastic, bool state_stochastic, int64_t seed
+#define LOMO_ADAM_RULE                                                                                        \
+  make_adam_rule(decay, step, beta1, beta2, denom_div, eps, inv_loss_scale, clip_value, coef, stochastic, \
+                 state_stochastic, seed)
+
+void adamw_linear_update(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                         const at::Tensor& x, const at::Tensor& grad_out, LOMO_ADAM_SCALARS,
+                         const c10::optional<at::Tensor>& nonfinite, int64_t stream) {
+  const cuda::Launch launch = launch_for(weight, stream);
+  check_same_device(weight, x);
+  check_same_device(weight, grad_out);
+  TORCH_CHECK(weight.dim() == 2, "lomo_kernels_C::adamw_linear_update: weight must be 2-D");
+  check_moments(weight, exp_avg, exp_avg_sq);
+  check_linear(x, grad_out, weight.size(0), weight.size(1));
+  cuda::adamw_linear_update(launch, weight.data_ptr(), dtype_of(weight), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+                            dtype_of(exp_avg), x.data_ptr(), grad_out.data_ptr(), dtype_of(x), x.size(0),
+                            weight.size(0), weight.size(1), LOMO_ADAM_RULE, counter_ptr(nonfinite, weight));
+}
+
+void adamw_embedding_update(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                            const at::Tensor& indices, const at::Tensor& grad_out, int64_t padding_idx,
+                            LOMO_ADAM_SCALARS, const c10::optional<at::Tensor>& nonfinite, int64_t stream) {
+  const cuda::Launch launch = launch_for(weight, stream);
+  check_same_device(weight, indices);
+  check_same_device(weight, grad_out);
+  check_embedding(indices, grad_out);
+  TORCH_CHECK(weight.dim() == 2 && grad_out.size(1) == weight.size(1),
+              "lomo_kernels_C::adamw_embedding_update: grad_out rows must match the weight's ", weight.size(1),
+              " columns");
+  check_moments(weight, exp_avg, exp_avg_sq);
+  // freed on return while the kernels may still read it: safe on the current stream (see embedding_update)
+  const RowGroupTensors group_tensors = group_rows(indices);
+  cuda::adamw_embedding_update(launch, weight.data_ptr(), dtype_of(weight), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+                               dtype_of(exp_avg), weight.size(0), weight.size(1), grad_out.data_ptr(),
+                               dtype_of(grad_out), group_tensors.view(padding_idx), LOMO_ADAM_RULE,
+                               counter_ptr(nonfinite, weight));
+}
+
+void adamw_dense_update(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                        const at::Tensor& grad, LOMO_ADAM_SCALARS, const c10::optional<at::Tensor>& nonfinite,
+                        int64_t stream) {
+  const cuda::Launch launch = launch_for(param, stream);
+  check_same_device(param, grad);
+  TORCH_CHECK(grad.numel() == param.numel(), "lomo_kernels_C::adamw_dense_update: grad has ", grad.numel(),
+              " elements, the parameter ", param.numel());
+  check_moments(param, exp_avg, exp_avg_sq);
+  cuda::adamw_dense_update(launch, param.data_ptr(), dtype_of(param), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+                           dtype_of(exp_avg), grad.data_ptr(), dtype_of(grad), param.numel(), LOMO_ADAM_RULE,
+                           counter_ptr(nonfinite, param));
+}
+
+#undef LOMO_ADAM_SCALARS
+#undef LOMO_ADAM_RULE
+
 }  // namespace
 }  // namespace lomo
 
 TORCH_LIBRARY_IMPL(lomo_kernels_C, CUDA, m) {
+  m.impl("adamw_linear_update", &lomo::adamw_linear_update);
+  m.impl("adamw_embedding_update", &lomo::adamw_embedding_update);
+  m.impl("adamw_dense_update", &lomo::adamw_dense_update);
   m.impl("linear_update", &lomo::linear_update);
   m.impl("linear_grad_sqnorm", &lomo::linear_grad_sqnorm);
   m.impl("embedding_update", &lomo::embedding_update);

@@ -12,7 +12,9 @@ that is not available raises; it never silently falls back.
 
 ``cpu``/``cuda`` are unavailable (and ``lomo_kernels._C`` is never imported) when the running torch
 is not the major.minor the extension was built against (the wheel pins it; see
-``torch_build_mismatch``): ``available_backends()`` names both versions.
+``torch_build_mismatch``): ``available_backends()`` names both versions. ``cuda`` is also unavailable,
+with the reason, when the CUDA driver is missing or older than the runtime ``_C`` was built with
+(``lomo_kernels.kernels.native.driver_problem``).
 """
 from __future__ import annotations
 

@@ -84,5 +84,27 @@ __device__ __forceinline__ void update_counted(T* w, float g, uint64_t flat, con
   if (update_element(w, g, flat, rule) && nonfinite != nullptr) atomicAdd(nonfinite, 1ull);
 }
 
+// Column c of group k's gradient: its dy rows summed in token order (as the CPU kernel sums them).
+template <class D>
+__device__ __forceinline__ float group_column_sum(const D* __restrict__ dy, int64_t dim, const RowGroups& groups,
+                                                  int64_t k, int64_t c) {
+  float g = 0.0f;
+  for (int64_t t = groups.starts[k]; t < groups.starts[k + 1]; ++t) g += to_float(dy[groups.order[t] * dim + c]);
+  return g;
+}
+
+// Calls fn(w_elem, s_elem) for the weight's element type and the moments' (float or bf16).
+template <class Fn>
+inline void visit_adam(DType w_dtype, DType s_dtype, Fn&& fn) {
+  if (s_dtype == DType::f16) throw std::invalid_argument("lomo_kernels CUDA AdamW: moments must be float32 or bfloat16");
+  visit_dtype(w_dtype, [&](auto w_elem) {
+    if (s_dtype == DType::f32) {
+      fn(w_elem, float{});
+    } else {
+      fn(w_elem, bf16{});
+    }
+  });
+}
+
 }  // namespace cuda
 }  // namespace lomo

@@ -7,15 +7,6 @@ namespace lomo {
 namespace cuda {
 namespace {
 
-// Column c of group k's gradient: its dy rows summed in token order (as the CPU kernel sums them).
-template <class D>
-__device__ __forceinline__ float group_column_sum(const D* __restrict__ dy, int64_t dim, const RowGroups& groups,
-                                                  int64_t k, int64_t c) {
-  float g = 0.0f;
-  for (int64_t t = groups.starts[k]; t < groups.starts[k + 1]; ++t) g += to_float(dy[groups.order[t] * dim + c]);
-  return g;
-}
-
 template <class W, class D>
 __global__ void __launch_bounds__(kReduceThreads)
     embedding_rows_kernel(W* __restrict__ w, const D* __restrict__ dy, int64_t dim, RowGroups groups, Rule rule,

@@ -39,5 +39,23 @@ void dense_update(const Launch& launch, void* p, DType p_dtype, const void* g, D
 void dense_grad_sqnorm(const Launch& launch, float* stats, const void* g, DType g_dtype, int64_t count,
                        float inv_loss_scale);
 
+// driver.cu: the CUDA version the installed driver supports (1000*major + 10*minor; 0 without a
+// driver) and the one of the runtime these kernels were built with (CUDART_VERSION, linked statically).
+int driver_version();
+int runtime_version();
+
+// AdamW (adamw.cu): W and its moments m, v (s_dtype fp32 or bf16) updated in place by adam_element.
+void adamw_linear_update(const Launch& launch, void* w, DType w_dtype, void* m, void* v, DType s_dtype, const void* x,
+                         const void* dy, DType act_dtype, int64_t tokens, int64_t out_features, int64_t in_features,
+                         const AdamRule& rule, unsigned long long* nonfinite);
+
+// Touched rows of W[vocab, dim] take their summed dy rows, every other row a zero gradient.
+void adamw_embedding_update(const Launch& launch, void* w, DType w_dtype, void* m, void* v, DType s_dtype,
+                            int64_t vocab, int64_t dim, const void* dy, DType dy_dtype, const RowGroups& groups,
+                            const AdamRule& rule, unsigned long long* nonfinite);
+
+void adamw_dense_update(const Launch& launch, void* p, DType p_dtype, void* m, void* v, DType s_dtype, const void* g,
+                        DType g_dtype, int64_t count, const AdamRule& rule, unsigned long long* nonfinite);
+
 }  // namespace cuda
 }  // namespace lomo

@@ -41,14 +41,46 @@ def backend_info(name: str) -> BackendInfo:
         raise ValueError(f"the native module provides the 'cpu' and 'cuda' backends, not {name!r}")
     if not build["cuda"]:
         return BackendInfo(False, f"built without CUDA ({build['no_cuda_reason']})")
+    driver, runtime = module.cuda_versions()
+    if driver == 0:
+        return BackendInfo(False, "no CUDA driver (cudaDriverGetVersion reports none)")
+    archs = sorted(int(a) for a in build["cuda_archs"].split(","))
+    if driver // 1000 < runtime // 1000:
+        # checked before torch.cuda: with a driver that old torch's own CUDA init fails less clearly
+        return BackendInfo(False, driver_problem(driver, runtime, None, archs))
     if not torch.cuda.is_available():
         return BackendInfo(False, "no CUDA device")
-    archs = sorted(int(a) for a in build["cuda_archs"].split(","))
     major, minor = torch.cuda.get_device_capability()
-    if 10 * major + minor < archs[0]:
-        # Newer GPUs JIT the embedded PTX; older ones than the oldest target cannot run it at all.
-        return BackendInfo(False, f"the GPU is sm_{major}{minor}, older than the oldest compiled target sm_{archs[0]}")
-    return BackendInfo(True, f"compiled CUDA kernels for sm_{{{build['cuda_archs']}}}")
+    problem = driver_problem(driver, runtime, 10 * major + minor, archs)
+    if problem:
+        return BackendInfo(False, problem)
+    return BackendInfo(True, f"compiled CUDA kernels for sm_{{{build['cuda_archs']}}} (CUDA {_version(runtime)}, "
+                             f"driver supports {_version(driver)})")
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def driver_problem(driver: int, runtime: int, sm: int | None, archs: list[int]) -> str:
+    """Why kernels built with CUDA runtime ``runtime`` cannot run under a driver supporting CUDA ``driver``
+    (both 1000*major + 10*minor) on a GPU of compute capability ``sm`` (None: not known yet), "" if they can.
+
+    The kernels carry machine code for every architecture in ``archs`` and PTX for the newest. An older
+    driver of the same major version runs the machine code (CUDA's minor-version compatibility) but
+    cannot compile the newer toolkit's PTX, so a GPU outside ``archs`` needs a driver at least as new
+    as the runtime; a driver of an older major version runs neither."""
+    if driver // 1000 < runtime // 1000:
+        return (f"the CUDA driver supports CUDA {_version(driver)}, but lomo_kernels._C was built with CUDA "
+                f"{_version(runtime)}: a driver for CUDA {runtime // 1000}.x or newer is needed (or rebuild "
+                f"with a CUDA {driver // 1000}.x toolkit)")
+    if sm is not None and sm < archs[0]:
+        return f"the GPU is sm_{sm}, older than the oldest compiled target sm_{archs[0]}"
+    if sm is not None and sm not in archs and driver < runtime:
+        return (f"the GPU is sm_{sm}, which the kernels reach only through PTX compiled at load time, and the "
+                f"driver (CUDA {_version(driver)}) is older than the CUDA {_version(runtime)} that PTX was built "
+                f"with; update the driver or rebuild with LOMO_CUDA_ARCHS including {sm}")
+    return ""
 
 
 def _ops():
