@@ -148,7 +148,7 @@ def dense_grad_sqnorm(stats: torch.Tensor, g: torch.Tensor, inv_loss_scale: floa
     _ops().dense_grad_sqnorm(stats, g, inv_loss_scale, _stream(stats))
 
 
-# --- AdamW (lomo_kernels.ops.adamw_update; csrc/cpu/adamw.cpp, csrc/cuda/adamw.cu) -----------------------
+# --- AdamW (lomo_kernels.ops.adamw_update; csrc/cpu/adamw.cpp, csrc/cuda/adamw_linear.cu, adamw_rows.cu) ----
 
 def _adam_args(rule) -> tuple:
     return (rule.decay, rule.step, rule.beta1, rule.beta2, rule.denom_div, rule.eps, rule.inv_loss_scale,

@@ -25,8 +25,9 @@ the number of such elements to the optional ``nonfinite`` counter (int64, shape 
 device; added to on the device, no host sync).
 
 Backends: ``torch`` (``lomo_kernels.kernels.reference_adamw``) implements all three; ``cpu`` and
-``cuda`` are the compiled kernels (``csrc/cpu/adamw.cpp``, ``csrc/cuda/adamw.cu``, the per-element
-math in ``csrc/lomo_math.h``); the ``triton`` backend has its own linear kernel
+``cuda`` are the compiled kernels (``csrc/cpu/adamw.cpp``, ``csrc/cuda/adamw_linear.cu`` and
+``adamw_rows.cu``; the per-element math is ``adam_element`` in ``csrc/lomo_math.h``, in the reference's
+order of operations); the ``triton`` backend has its own linear kernel
 (``kernels.triton_adamw``) and runs the reference for the embedding and dense updates.
 """
 from __future__ import annotations
