@@ -28,6 +28,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
+# the files with kernels (driver.cu only asks the driver for its version): ptxas reports on these
+KERNEL_SOURCES = [p for p in CUDA_SOURCES if "__global__" in p.read_text()]
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("g++") or shutil.which("c++")
 ARCHS = (80, 86, 89, 90)
@@ -91,10 +93,11 @@ def test_cuda_source_compiles_for_every_arch_without_warnings(builds, source: st
     output, _ = builds[source]
     other = [line for line in output.splitlines() if line.strip() and not _is_ptxas_info(line)]
     assert not other, "\n".join(other)
-    assert {row["arch"] for row in ptxas_report(output)} == set(ARCHS)
+    if source in {p.name for p in KERNEL_SOURCES}:
+        assert {row["arch"] for row in ptxas_report(output)} == set(ARCHS)
 
 
-@pytest.mark.parametrize("source", [p.name for p in CUDA_SOURCES])
+@pytest.mark.parametrize("source", [p.name for p in KERNEL_SOURCES])
 def test_no_register_spills(builds, source: str):
     rows = ptxas_report(builds[source][0])
     assert rows and all("stack" in r and "registers" in r for r in rows)
