@@ -23,6 +23,7 @@ import copy
 import csv
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -139,7 +140,9 @@ def speed(steps: int = 20, out: Path = RESULTS) -> list[dict]:
     base = AutoModelForCausalLM.from_config(preset_config("small"), dtype=torch.float32)
     ids = torch.randint(0, base.config.vocab_size, (16, 128))
     runs = {}
-    for name in ("torch-adamw", "adamw", "apollo"):
+    # Lomo (fused SGD) is the fused path's floor: routing and per-weight backward nodes without AdamW's
+    # moments; the AdamW epilogue costs what fused AdamW takes over it
+    for name in ("torch-adamw", "adamw", "apollo", "lomo"):
         model = copy.deepcopy(base).train()
         if name == "torch-adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
@@ -149,7 +152,8 @@ def speed(steps: int = 20, out: Path = RESULTS) -> list[dict]:
                 m(input_ids=ids, labels=ids).loss.backward()
                 o.step()
         else:
-            opt = lk.AdamW(model, lr=1e-3) if name == "adamw" else lk.Apollo(model, lr=1e-3, rank=RANK)
+            opt = (lk.AdamW(model, lr=1e-3) if name == "adamw" else lk.Lomo(model, lr=1e-3) if name == "lomo"
+                   else lk.Apollo(model, lr=1e-3, rank=RANK))
 
             def step(m=model, o=opt):
                 o.fused_backward(m(input_ids=ids, labels=ids).loss, 1e-3)
@@ -166,8 +170,11 @@ def speed(steps: int = 20, out: Path = RESULTS) -> list[dict]:
     for r in rows:
         lines.append(f"| {METHODS[r['method']][1]} | {r['median_step_ms']:.0f} | {r['median_step_ms'] / ref:.2f}x | "
                      f"{r['median_step_ms'] / fused:.2f}x |")
+    # the machine's load average: a shared machine's other jobs slow every method, ratios less so
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = (f"Step time, `small` preset, 16 x 128 tokens, fp32, no clipping, {torch.get_num_threads()} thread(s), "
-            f"median of {steps - 3} interleaved steps (python -m bench.bench_convergence --speed)\n\n" + "\n".join(lines) + "\n")
+            f"median of {steps - 3} interleaved steps (python -m bench.bench_convergence --speed); load average "
+            f"{load} on {os.cpu_count()} cores\n\n" + "\n".join(lines) + "\n")
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "adaptive_speed.md").write_text(text)
     print(text)
