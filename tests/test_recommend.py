@@ -215,7 +215,21 @@ def test_recommend_ranks_measured_candidates_on_a_small_model(deep):
         assert c.step_s == pytest.approx(c.flops / (R.DEFAULT_TFLOPS * 1e12 * R.DEFAULT_EFFICIENCY))
         assert c.tokens_per_gpu_s == pytest.approx(c.batch_size * 64 / c.step_s)
     for c in rec.candidates[len(fitting):]:
-        assert c.why.startswith("does not fit") and c.step_s is None
+        assert c.step_s is None
+        if c.fits is None:   # dominated or bounded by a measured variant, not measured itself
+            assert c.why.startswith("not measured: ")
+            assert "dominated by its sdpa" in c.why or "does not fit, as its" in c.why
+        else:
+            assert c.why.startswith("does not fit")
+    assert any(c.attn == "eager" and c.fits is None for c in rec.candidates)
+    # --exhaustive measures the dominated ones too: eager never beats its sdpa twin, and needs more memory
+    full = R.recommend(deep, 1, gib, 64, batch_size=1, methods=["lomo"], attns=("sdpa", "eager"), exhaustive=True)
+    twins = {(c.checkpointing, c.attn): c for c in full.candidates}
+    assert all(c.fits is not None for c in full.candidates)
+    for ckpt in (False, True):
+        assert twins[(ckpt, "eager")].total_bytes >= twins[(ckpt, "sdpa")].total_bytes
+        if twins[(ckpt, "eager")].fits:
+            assert twins[(ckpt, "eager")].tokens_per_gpu_s <= twins[(ckpt, "sdpa")].tokens_per_gpu_s
     assert rec.memory_extrapolation_error is not None and abs(rec.memory_extrapolation_error) < 0.01
     assert rec.flops_extrapolation_error is not None and abs(rec.flops_extrapolation_error) < 1e-6
     # ZeRO over 4 GPUs: the candidates multiply (ZeRO-3 for all, ZeRO-2 for the torch optimizers)

@@ -300,11 +300,18 @@ def _code_version() -> str:
         import transformers
         h = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        here = os.path.abspath(__file__)
         for dirpath, _, files in sorted(os.walk(root)):
             for name in sorted(files):
-                if name.endswith(".py"):
-                    with open(os.path.join(dirpath, name), "rb") as f:
+                path = os.path.join(dirpath, name)
+                if name.endswith(".py") and os.path.abspath(path) != here:
+                    with open(path, "rb") as f:
                         h.update(name.encode() + f.read())
+        # of this file, only what measures (the ranking and the printing do not change a measurement)
+        for fn in (_measure_depth, _fake_step, _step_config, _lora_model, FlopCount, flop_mapping, _gemm_flops,
+                   _x_and_grad_out, _tokens_in_out, _lce_forward_flops, _lce_dlogits_flops, _rows_update_flops,
+                   _sdpa_cpu_flops, _sdpa_cpu_backward_flops, trainer_has_lora, torch_adamw_name):
+            h.update(inspect.getsource(fn).encode())
         _VERSION.append(h.hexdigest()[:16])
     return _VERSION[0]
 
@@ -555,8 +562,9 @@ class Assumptions:
                 f"{self.gpu_tflops * self.gpu_efficiency:g} TFLOP/s sustained per GPU (assumed)",
                 f"ZeRO collectives at {self.link_gbps:g} GB/s per GPU, ring algorithms, not overlapped with compute "
                 f"(assumed)",
-                "FLOPs counted on the traced fake step (forward, backward, recomputation, norm pass, fused "
-                "weight-gradient GEMMs), scaled linearly with the micro-batch; attention counted as its matmuls "
+                "FLOPs counted on the traced fake step at the chosen micro-batch (forward, backward, "
+                "recomputation, norm pass, fused weight-gradient GEMMs, HiFT's truncated backward, LoRA's frozen "
+                "base); attention counted as its matmuls "
                 "(eager, sdpa and flash_attention_2 alike: their speed difference is memory traffic, not modelled)",
                 "step time = FLOPs / sustained rate + communication bytes / link; tokens/GPU/s = micro-batch x "
                 "seq_len / step time"]
@@ -630,7 +638,7 @@ def recommend(model: str, gpus: int, gpu_gib: float, seq_len: int, batch_size: i
               dtype: str = "fp16", methods: list[str] | None = None, clip: float | None = None,
               assumptions: Assumptions | None = None, sample_layers: int | None | str = "auto",
               lora_rank: int = 8, max_batch: int = DEFAULT_MAX_BATCH, attns=ATTNS, jobs: int | None = None,
-              search_top: int = 3) -> Recommendation:
+              search_top: int = 3, exhaustive: bool = False) -> Recommendation:
     """Rank every candidate; see the module docstring. ``sample_layers="auto"``: 1 for models of 4+ layers.
 
     The micro-batch search (when ``batch_size`` is None) runs, fastest bound first, on the candidates
@@ -678,19 +686,38 @@ def recommend(model: str, gpus: int, gpu_gib: float, seq_len: int, batch_size: i
     if "flash_attention_2" in attns and "sdpa" not in run_attns:
         run_attns.append("sdpa")
 
-    # 1. every family at the first micro-batch (the bulk of the work: in parallel)
-    tasks = [(model, m, dtype, b0, seq_len, ck, a, clip, sample_layers, lora_rank)
-             for m in method_list for ck in (False, True) for a in run_attns]
-    if gpus > 1 and any(uses_torch_optimizer(m) for m in method_list):
-        tasks += [(model, "none", dtype, b, seq_len, ck, a, clip, sample_layers, lora_rank)
-                  for ck in (False, True) for a in run_attns for b in (1, 2)]
+    # 1. every family at the first micro-batch (the bulk of the work: in parallel). Unless ``exhaustive``,
+    # in two waves that skip what is dominated: first each method checkpointed with sdpa (its smallest
+    # variant); only the methods that fit somehow then without checkpointing; eager attention (sdpa's FLOPs,
+    # more memory) is listed, not measured.
     sweep: dict = {}
     broken: dict[str, str] = {}
-    for task, result, error in _run_sweep(tasks, jobs):
-        if error is not None:
-            broken.setdefault(task[1], error)
-        else:
-            sweep[(task[1], task[5], task[6], task[3])] = result
+
+    def run(tasks):
+        for task, result, error in _run_sweep(tasks, jobs):
+            if error is not None:
+                broken.setdefault(task[1], error)
+            else:
+                sweep[(task[1], task[5], task[6], task[3])] = result
+
+    def task(m, ck, a, b=b0):
+        return (model, m, dtype, b, seq_len, ck, a, clip, sample_layers, lora_rank)
+
+    none_tasks = [task("none", ck, a, b) for ck in (False, True) for a in run_attns for b in (1, 2)] \
+        if gpus > 1 and any(uses_torch_optimizer(m) for m in method_list) else []
+    if exhaustive:
+        run([task(m, ck, a) for m in method_list for ck in (False, True) for a in run_attns] + none_tasks)
+    else:
+        first_attn = "sdpa" if "sdpa" in run_attns else run_attns[0]
+        run([task(m, True, first_attn) for m in method_list] + none_tasks)
+        smallest = {}
+        for m in method_list:
+            if (m, True, first_attn, b0) in sweep:
+                split = sweep[(m, True, first_attn, b0)]
+                smallest[m] = min(sum(per_gpu(split, m, mode, gpus).values()) for mode in modes)
+        run([task(m, False, first_attn) for m, t in smallest.items() if t <= budget])
+        if first_attn != "sdpa":
+            run([task(m, ck, a) for m in smallest for ck in (False, True) for a in run_attns if a != first_attn])
 
     def measured(method, ckpt, attn, b) -> Measured:
         attn = "sdpa" if attn == "flash_attention_2" else attn
@@ -725,6 +752,7 @@ def recommend(model: str, gpus: int, gpu_gib: float, seq_len: int, batch_size: i
         c.tokens_per_gpu_s = b * seq_len / c.step_s
 
     candidates: list[Candidate] = []
+    unmeasured: list[Candidate] = []
     for method in method_list:
         if method in broken:
             continue
@@ -734,8 +762,30 @@ def recommend(model: str, gpus: int, gpu_gib: float, seq_len: int, batch_size: i
                     if mode == "zero2" and not uses_torch_optimizer(method):
                         continue
                     c = Candidate(method, ckpt, attn, mode, gpus)
-                    settle(c, b0, evaluate(c, b0))
-                    candidates.append(c)
+                    run_attn = "sdpa" if attn == "flash_attention_2" else attn
+                    if (method, ckpt, run_attn, b0) in sweep:
+                        settle(c, b0, evaluate(c, b0))
+                        candidates.append(c)
+                        continue
+                    c.batch_size, c.fits = b0, None
+                    smallest = sweep.get((method, True, "sdpa", b0))
+                    twin = sweep.get((method, ckpt, "sdpa", b0))
+                    twin_need = None if twin is None else sum(per_gpu(twin, method, mode, gpus).values())
+                    if run_attn == "eager" and twin_need is not None and twin_need <= budget:
+                        c.why = ("not measured: dominated by its sdpa variant (the same FLOPs, and eager attention "
+                                 "keeps the seq x seq scores: more memory); --exhaustive measures it")
+                    elif run_attn == "eager" and twin_need is not None:
+                        c.why = (f"not measured: does not fit, as its sdpa variant (eager keeps more) already needs "
+                                 f"{twin_need / GiB:.2f} GiB at micro-batch {b0}")
+                        c.total_bytes = twin_need
+                    elif smallest is not None:
+                        need = sum(per_gpu(smallest, method, mode, gpus).values())
+                        c.why = (f"not measured: does not fit, as its smallest variant (checkpointed, sdpa) already "
+                                 f"needs {need / GiB:.2f} GiB at micro-batch {b0}")
+                        c.total_bytes = need
+                    else:
+                        continue
+                    unmeasured.append(c)
 
     # 2. the micro-batch search, where it can change the ranking
     if batch_size is None and max_batch > 1:
@@ -758,13 +808,23 @@ def recommend(model: str, gpus: int, gpu_gib: float, seq_len: int, batch_size: i
             c.notes.append("micro-batch searched")
             searched += 1
             best_speed = max(best_speed, c.tokens_per_gpu_s or 0)
+        for c in candidates:  # flash_attention_2 rows take their sdpa twin's search (the same measurements)
+            key = (c.method, c.checkpointing, c.parallel)
+            if c.attn == "flash_attention_2" and c.fits and key in done and "micro-batch searched" not in c.notes:
+                settle(c, *done[key])
+                c.notes.append("micro-batch searched")
         for c in candidates:
-            if c.fits and "micro-batch searched" not in c.notes:
+            if c.fits and "micro-batch searched" not in c.notes and c.attn != "eager":
                 c.notes.append(f"micro-batch {c.batch_size} (not searched: "
                                + ("eager attention: sdpa's FLOPs and more memory" if c.attn == "eager" else
                                   "even with its communication amortized away it is slower than the best") + ")")
     _rank(candidates, budget)
     best = candidates[0] if candidates and candidates[0].fits else None
+    fitting = [c for c in candidates if c.fits]
+    candidates = fitting + [c for c in unmeasured if "dominated" in c.why] + \
+        [c for c in candidates if not c.fits] + [c for c in unmeasured if "dominated" not in c.why]
+    for i, c in enumerate(candidates, 1):
+        c.rank = i
 
     # 3. how far off the depth extrapolation is, checked on the recommendation (and the first loser)
     mem_err = flop_err = None
@@ -787,6 +847,9 @@ def recommend(model: str, gpus: int, gpu_gib: float, seq_len: int, batch_size: i
     if any(c.method == "lora" for c in candidates):
         notes.append(f"lora: peft LoRA rank {lora_rank} on every attention and MLP linear (all-linear), base "
                      f"frozen, torch AdamW on the adapters")
+    if any(c.method.startswith("hift") for c in candidates):
+        notes.append("hift-*: a step updates one group of layers (backward truncated below it); its FLOPs and time "
+                     "are the mean step of a cycle, and a cycle of steps updates every layer once")
     for method, error in broken.items():
         notes.append(f"{method} left out: its step failed on fake tensors here ({error})")
     lin_err = max(lin_errors, key=abs) if lin_errors else None
@@ -881,7 +944,10 @@ def format_table(rec: Recommendation) -> str:
                "total GiB", "est step s", "est tok/GPU/s", "why"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for c in rec.candidates:
-        cells = [c.rank, c.label, c.batch_size, "yes" if c.fits else "no"]
+        cells = [c.rank, c.label, c.batch_size, "?" if c.fits is None else "yes" if c.fits else "no"]
+        if c.fits is None:
+            lines.append("| " + " | ".join(str(x) for x in cells + ["-"] * 10 + [c.why]) + " |")
+            continue
         cells += [f"{c.per_gpu.get(k, 0) / GiB:.2f}" for k in _SHOWN]
         cells += [f"{c.total_gib:.2f}",
                   "-" if c.step_s is None else f"{c.step_s:.3f}",
@@ -907,8 +973,10 @@ def format_report(rec: Recommendation) -> str:
                    f"{_pct(rec.flops_extrapolation_error)}")
     else:
         out.append("- memory and FLOPs: measured at the model's full depth (no extrapolation)")
-    out.append(f"- micro-batch search: worst gap between the batch-1/2 line and the measured peak: "
-               f"{_pct(rec.batch_linearity_error)} (every chosen size is measured, not extrapolated)")
+    out.append(f"- micro-batch search: every chosen size is measured, not extrapolated; the straight line from "
+               f"micro-batch 1 that proposes the first size missed the measured peak by up to "
+               f"{_pct(rec.batch_linearity_error)} (the peak moves between phases as the batch grows), which the "
+               f"secant steps then correct")
     for n in rec.notes:
         out.append(f"note: {n}")
     out.append("")
@@ -1000,6 +1068,9 @@ def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
         help="worker processes for the candidate sweep (default: min(2, CPUs)); measurements are also cached on "
              "disk (~/.cache/lomo_kernels/recommend, keyed by this package's sources; LOMO_KERNELS_NO_CACHE=1 "
              "turns it off)")
+    add("--exhaustive", action="store_true",
+        help="measure every candidate, also those dominated by a measured one (eager attention where sdpa was "
+             "measured; the bigger variants of a method whose smallest does not fit)")
     add("--chart", default=None, help="with --recommend: write a PNG chart of the ranking to this path")
     # tell the planner's defaults apart from values the user typed
     actions = parser._option_string_actions
@@ -1026,7 +1097,7 @@ def run_recommend(args: argparse.Namespace) -> int:
                         args.clip_grad_norm,
                         Assumptions(args.gpu_tflops, args.gpu_efficiency, args.link_gbps),
                         "auto" if args.sample_layers is None else args.sample_layers, getattr(args, "lora_rank", None) or 8,
-                        args.max_batch_size, jobs=args.jobs)
+                        args.max_batch_size, jobs=args.jobs, exhaustive=args.exhaustive)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return planner.EXIT_USAGE
