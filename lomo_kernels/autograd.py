@@ -38,20 +38,18 @@ def _common_dtype(a: torch.Tensor, b: torch.Tensor):
 class FusedLinearFunction(torch.autograd.Function):
     """``F.linear(x, W, b)`` or, with ``in_out_layout``, ``torch.addmm(b, x, W)`` (``Conv1D``, W [in, out])."""
 
+    # forward(ctx, ...) rather than a separate setup_context: with setup_context, Function.apply binds the
+    # arguments through inspect.signature on every call (~10 µs, one call per weight use per step).
     @staticmethod
-    def forward(x, weight, bias, site, in_out_layout):
-        if in_out_layout:
-            return torch.addmm(bias, x, weight)
-        return own_storage(F.linear(x, weight, bias))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, site, in_out_layout = inputs
+    def forward(ctx, x, weight, bias, site, in_out_layout):
         ctx.save_for_backward(x)
         # Held as plain attributes, not saved tensors: the weight is rewritten in place by this very
         # backward, and autograd's version check would (rightly) refuse a saved tensor changed later.
         ctx.weight, ctx.site, ctx.in_out_layout = weight, site, in_out_layout
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        if in_out_layout:
+            return torch.addmm(bias, x, weight)
+        return own_storage(F.linear(x, weight, bias))
 
     @staticmethod
     def backward(ctx, dy):
@@ -82,14 +80,10 @@ class FusedEmbeddingFunction(torch.autograd.Function):
     """``F.embedding(indices, W, padding_idx)``; the backward updates the touched rows."""
 
     @staticmethod
-    def forward(indices, weight, padding_idx, site):
-        return own_storage(F.embedding(indices, weight, padding_idx))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        indices, weight, padding_idx, site = inputs
+    def forward(ctx, indices, weight, padding_idx, site):
         ctx.save_for_backward(indices)
         ctx.padding_idx, ctx.site = padding_idx, site
+        return own_storage(F.embedding(indices, weight, padding_idx))
 
     @staticmethod
     def backward(ctx, dy):
