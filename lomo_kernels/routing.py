@@ -164,7 +164,7 @@ class WeightSite:
             return
         self.updated = True
         with torch._C.DisableTorchFunctionSubclass():  # the updater's ops on a HeldParameter: no routing
-            _apply(updater, self.param, parts)
+            _apply(updater, self.param, parts, self.name)
 
 
 class LossUse:
@@ -206,16 +206,19 @@ def _lm_head_or_raise(updater: Updater, param: torch.Tensor, name: str):
     return head
 
 
-def _apply(updater: Updater, param: torch.Tensor, parts: list[tuple]) -> None:
+def _apply(updater: Updater, param: torch.Tensor, parts: list[tuple], name: str) -> None:
     """Send the sum of the uses' gradients to ``updater`` as one call."""
     records = [args[0] for kind, *args in parts if kind == "lm_head"]
     if records:
         if len(records) > 1:
-            raise RuntimeError(f"a weight of shape {tuple(param.shape)} is the LM head of {len(records)} fused losses "
-                               "in one backward; one per step is supported")
+            raise RuntimeError(f"parameter {name!r} is the LM head of {len(records)} fused losses in one backward (the "
+                               "model was called with labels more than once before fused_backward); the fused "
+                               "cross-entropy takes one per step. Nothing was changed. Call fused_backward per "
+                               "forward, or construct the optimizer with fused_cross_entropy=False to accumulate "
+                               "losses from logits")
         linear = [tuple(args) for kind, *args in parts if kind == "linear"]
         embedding = [tuple(args) for kind, *args in parts if kind == "embedding"]
-        records[0].apply(param, _lm_head_or_raise(updater, param, "lm_head"), linear=linear, embedding=embedding)
+        records[0].apply(param, _lm_head_or_raise(updater, param, name), linear=linear, embedding=embedding)
         return
     if len(parts) == 1:
         kind, *args = parts[0]
@@ -422,7 +425,8 @@ class Hold:
             holder = existing.owner
             if holder is not None:
                 raise RuntimeError(f"model is already held by {holder!r}; call its close() (or leave its `with` "
-                                   "block) before attaching another fused optimizer")
+                                   "block) before attaching another fused optimizer, or lomo_kernels.release(model) "
+                                   "if it is out of reach (e.g. an optimizer passed to a HiFT(...) that raised)")
             existing.release()  # its owner is gone
         names = {id(p): n for n, p in model.named_parameters()}
         if not names or not any(p.requires_grad for p in model.parameters()):

@@ -1,11 +1,11 @@
-"""Which causal-LM model types' training loss the fused linear cross-entropy reproduces.
+"""Which causal-LM classes' training loss the fused linear cross-entropy reproduces.
 
 For every causal-LM type of the installed transformers (the architecture sweep's tiny models,
 tests/tiny_archs.py): the plain model's ``model(**batch).loss`` against the loss the held model computes
 through ``lomo_kernels.integrations.causal_lm_loss`` (the type allowed for the check), fp32. A type is
-listed when they agree within 1e-6 relative and the held forward returns no logits, also with every
-logit-scale-like config float set to an unusual value and router logits on (``perturbed``). Prints the frozenset
-for ``FUSED_LOSS_MODEL_TYPES`` and, on stderr, why each other type is out.
+listed (its ``AutoModelForCausalLM`` class, the one checked) when they agree within 1e-6 relative and the held forward returns no logits, also with every
+logit-scale-like config float set to an unusual value and router logits on (``perturbed``). Prints the dict
+``FUSED_LOSS_CLASSES`` (class name -> model type) and, on stderr, why each other type is out.
 
     .venv/bin/python scripts/fused_loss_model_types.py
 """
@@ -76,8 +76,8 @@ def compare(model, batch) -> str | None:
         expected = plain(**batch).loss
     if expected is None:
         return "its forward returns no loss for labels"
-    allowed = causal_lm_loss.FUSED_LOSS_MODEL_TYPES
-    causal_lm_loss.FUSED_LOSS_MODEL_TYPES = frozenset({model.config.model_type})
+    allowed = causal_lm_loss.FUSED_LOSS_CLASSES
+    causal_lm_loss.FUSED_LOSS_CLASSES = {type(model).__name__: model.config.model_type}
     unfused: list[str] = []  # weights the model uses unfusably go to the dense route, as in the sweep
     try:
         while True:
@@ -94,7 +94,7 @@ def compare(model, batch) -> str | None:
                     raise
                 unfused.append(err.parameter)
     finally:
-        causal_lm_loss.FUSED_LOSS_MODEL_TYPES = allowed
+        causal_lm_loss.FUSED_LOSS_CLASSES = allowed
     with opt:
         if not opt.fused_cross_entropy:
             return opt.fused_cross_entropy_reason
@@ -120,16 +120,11 @@ def main() -> None:
             ok.append(model_type)
         else:
             print(f"{model_type}: {reason}", file=sys.stderr)
-    print("FUSED_LOSS_MODEL_TYPES = frozenset({")
-    line = "   "
-    for t in sorted(ok):
-        item = f' "{t}",'
-        if len(line) + len(item) > 110:
-            print(line)
-            line = "   "
-        line += item
-    print(line)
-    print("})")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    print("FUSED_LOSS_CLASSES = {")
+    for t in sorted(ok, key=lambda t: MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t]):
+        print(f'    "{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t]}": "{t}",')
+    print("}")
     print(f"# {len(ok)} types", file=sys.stderr)
 
 

@@ -206,7 +206,7 @@ def _load_script():
     return module
 
 
-@pytest.mark.parametrize("model_type", sorted(causal_lm_loss.FUSED_LOSS_MODEL_TYPES))
+@pytest.mark.parametrize("model_type", sorted(causal_lm_loss.FUSED_LOSS_CLASSES.values()))
 def test_listed_model_type_still_matches(model_type):
     """The list was made with transformers 5.23; the installed one must still agree, type by type."""
     from tiny_archs import causal_lm_model_types
@@ -216,3 +216,43 @@ def test_listed_model_type_still_matches(model_type):
     if reason is not None and reason.startswith("skipped:"):
         pytest.skip(reason)
     assert reason is None, reason
+
+
+def test_tuple_outputs_and_other_classes_of_a_listed_type():
+    model = llama()
+    ids = batches(model.config.vocab_size, 1)[0]
+    expected = copy.deepcopy(model)(input_ids=ids, labels=ids).loss
+    with lk.Lomo(model, lr=0.0) as opt:
+        out = model(input_ids=ids, labels=ids, return_dict=False)
+        assert isinstance(out, tuple) and torch.is_tensor(out[0])
+        assert abs(out[0].item() - expected.item()) <= 1e-6 * expected.item()
+        opt.fused_backward(out[0], 0.0)
+    from transformers import LlamaForCausalLM
+
+    class MyLlama(LlamaForCausalLM):  # a subclass may transform its logits: not assumed verified
+        pass
+    sub = MyLlama(model.config)
+    with lk.Lomo(sub, lr=0.0) as opt:
+        assert not opt.fused_cross_entropy and "MyLlama" in opt.fused_cross_entropy_reason
+
+
+def test_two_labelled_forwards_before_one_backward_are_refused_by_name():
+    model = llama()
+    before = copy.deepcopy(model)
+    a, b = batches(model.config.vocab_size, 2)
+    with lk.Lomo(model, lr=0.5) as opt:
+        loss = model(input_ids=a, labels=a).loss + model(input_ids=b, labels=b).loss
+        with pytest.raises(RuntimeError, match="lm_head.weight.*fused_cross_entropy=False"):
+            opt.fused_backward(loss, 0.5)
+    for p, q in zip(model.parameters(), before.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_failed_construction_leaves_the_model_free():
+    model = llama()
+    with pytest.raises(TypeError):
+        lk.Lomo(model, fused_cross_entropy="no")
+    with pytest.raises(ValueError):
+        lk.Apollo(model, rank=4, projected=["model.embed_tokens.weight"])  # raises after the hold was taken
+    with lk.Lomo(model, lr=0.0) as opt:  # not refused as "already held"
+        assert opt.fused_cross_entropy

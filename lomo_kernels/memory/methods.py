@@ -8,7 +8,7 @@
     lomo              lomo_kernels.Lomo (fused: no weight gradient is ever built)
     adalomo           lomo_kernels.AdaLomo
     apollo            lomo_kernels.Apollo (rank ``apollo_rank``, default 256, channel scale)
-    apollo-mini       lomo_kernels.ApolloMini (rank 1 unless ``apollo_rank``, tensor scale, scale 128)
+    apollo-mini       lomo_kernels.ApolloMini (rank 1, tensor scale, scale 128; another ``apollo_rank`` is refused)
     apollo-torch      apollo-torch 1.0.3 ``APOLLOAdamW`` the layer-wise way of its README: one optimizer per
                       parameter, stepped in a post-accumulate-grad hook (so each weight's full gradient
                       exists until its own hook has run); attention/MLP linear weights projected at rank

@@ -891,9 +891,12 @@ def _largest_batch(total_at, first, budget, max_batch, lin_errors, slope=None):
 
 
 def _rank(candidates: list[Candidate], budget: float) -> None:
-    """Fitting candidates first, fastest (tokens/GPU/s) first, then lower peak; then the rest by peak."""
+    """Fitting candidates first, fastest (tokens/GPU/s) first, then lower peak; then the rest by peak. HiFT
+    ranks after the full-update candidates that fit: its step updates one group of layers, so its tokens/s
+    are not like-for-like (it is recommended only when nothing else fits)."""
     attn_order = {a: i for i, a in enumerate(ATTNS)}
-    candidates.sort(key=lambda c: (not c.fits, -(c.tokens_per_gpu_s or 0) if c.fits else c.total_bytes,
+    candidates.sort(key=lambda c: (not c.fits, c.fits and c.method.startswith("hift"),
+                                   -(c.tokens_per_gpu_s or 0) if c.fits else c.total_bytes,
                                    c.total_bytes, attn_order.get(c.attn, 9)))
     best = candidates[0] if candidates and candidates[0].fits else None
     for i, c in enumerate(candidates, 1):
@@ -907,7 +910,10 @@ def _why(c: Candidate, best: Candidate | None, budget: float) -> str:
         return (f"does not fit: {_gib(c.total_bytes)} GiB at micro-batch {c.batch_size} > {budget / GiB:g} GiB "
                 f"(largest: {big} {_gib(c.per_gpu[big])} GiB)")
     if c is best:
-        return "recommended: fits, fastest estimate"
+        return "recommended: fits, fastest estimate" + (" (only HiFT fits)" if c.method.startswith("hift") else "")
+    if c.method.startswith("hift") and not best.method.startswith("hift"):
+        return ("a HiFT step updates one group of layers: its tokens/s are not like-for-like with a full update "
+                f"(estimate {c.tokens_per_gpu_s:.0f} tokens/GPU/s)")
     ratio = best.tokens_per_gpu_s / c.tokens_per_gpu_s
     if ratio < 1 + 1e-9:
         return f"ties on estimated speed; peak {_gib(c.total_bytes)} vs {_gib(best.total_bytes)} GiB" \

@@ -305,4 +305,7 @@ class ApolloMini(Apollo):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, rank: int = 1, scale_type: str = "tensor",
                  scale: float = 128.0, **kwargs):
+        if rank != 1 or scale_type != "tensor":  # anything else is APOLLO, not APOLLO-Mini
+            raise ValueError(f"ApolloMini is rank 1 with a tensor scale, got rank={rank!r}, scale_type={scale_type!r}; "
+                             "use lomo_kernels.Apollo(model, rank=..., scale_type=...) for other settings")
         super().__init__(model, lr=lr, rank=rank, scale_type=scale_type, scale=scale, **kwargs)

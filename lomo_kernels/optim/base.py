@@ -28,6 +28,7 @@ Per-parameter rules are small overridable methods, one per kind of use and phase
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import weakref
@@ -103,9 +104,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.updater = self              # where held weights' gradients go (``reroute`` changes it)
         self.in_fused_backward = False
         self.closed = False
-        self.held = hold(model, self, self.unfused)
         if not isinstance(fused_cross_entropy, bool):
             raise TypeError(f"fused_cross_entropy must be True or False, got {fused_cross_entropy!r}")
+        self.held = hold(model, self, self.unfused)
         # A held causal LM's labelled training forward computes its loss with the LM head's update fused in
         # (no logits, no LM-head gradient) where that applies; why it does not, otherwise.
         self.fused_cross_entropy = False
@@ -120,6 +121,25 @@ class FusedOptimizer(torch.optim.Optimizer):
                 causal_lm_loss.FusedCausalLMLoss(model, self.held)
                 self.fused_cross_entropy = True
         self._release = weakref.finalize(self, self.held.release)  # garbage collection ends the hold too
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass's ``__init__`` that raises after the hold was taken (a check of its own arguments)
+        releases it: a failed construction leaves the model as it was, not held by an unreachable object."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kw):
+            try:
+                init(self, *args, **kw)
+            except BaseException:
+                held = self.__dict__.get("held")
+                if held is not None:
+                    held.release()
+                raise
+        cls.__init__ = __init__
 
     def __repr__(self) -> str:
         return f"lomo_kernels.{type(self).__name__}(lr={self.lr:g}) at {hex(id(self))}"
