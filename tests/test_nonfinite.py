@@ -170,7 +170,14 @@ def test_guard_and_count_on_triton_match_the_reference(kind, dtype, rounding, cl
     ct = run_update(kind, wt, "triton", rounding, clip_value)
     cr = run_update(kind, wr, "torch", rounding, clip_value)
     assert ct == cr > 1
-    assert torch.equal(bits(wt), bits(wr))
+    if kind == "linear" and dtype == torch.float32:
+        # two GEMM summation orders (the reference's blocks, the kernel's tiles): the kept elements are the old
+        # bits in both, the updated ones agree to fp32 rounding
+        kept = bits(wr) == bits(w0)
+        assert torch.equal(kept, bits(wt) == bits(w0))
+        torch.testing.assert_close(wt[~kept], wr[~kept], rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(bits(wt), bits(wr))
 
 
 @pytest.mark.parametrize("backend", ["torch"] + COMPILED)
