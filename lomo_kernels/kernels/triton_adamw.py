@@ -20,7 +20,7 @@ import triton.language as tl
 from ..ops._common import mix32_int
 from . import reference_adamw
 from ._triton_device import device_guard
-from .triton_update import (INTERPRETED, _NO_FMA, _check_device, _gemm_config, _is_finite, _round_nearest,
+from .triton_update import (INTERPRETED, _NO_FMA, _check_device, _gemm_config, _gemm_tile, _is_finite, _round_nearest,
                             _round_stochastic, _widen)
 
 
@@ -50,21 +50,9 @@ def _adamw_linear_kernel(w_ptr, m_ptr, v_ptr, x_ptr, dy_ptr, count_ptr, tokens, 
     c = tl.arange(0, BLOCK_IN)
     row_ok = r < out_features - m0
     col_ok = c < in_features - n0
-    dy_tile = dy_ptr + m0.to(tl.int64) * stride_dy_out + r[None, :] * stride_dy_out
-    x_tile = x_ptr + n0.to(tl.int64) * stride_x_in + c[None, :] * stride_x_in
-    acc = tl.zeros((BLOCK_OUT, BLOCK_IN), dtype=tl.float32)
-    for t0 in range(0, tokens, BLOCK_T):
-        tok = tl.arange(0, BLOCK_T)
-        tok_ok = tok < tokens - t0
-        t_off = tl.cast(t0, tl.int64)
-        dy = tl.load(dy_tile + t_off * stride_dy_tok + tok[:, None] * stride_dy_tok,
-                     mask=tok_ok[:, None] & row_ok[None, :], other=0.0)
-        x = tl.load(x_tile + t_off * stride_x_tok + tok[:, None] * stride_x_tok,
-                    mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_IN_FP32:
-            dy = _widen(dy)
-            x = _widen(x)
-        acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
+    acc = _gemm_tile(x_ptr, dy_ptr, tokens, m0, n0, r, c, row_ok, col_ok,
+                     stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
+                     DOT_IN_FP32, DOT_PRECISION, BLOCK_OUT, BLOCK_IN, BLOCK_T)
     # epilogue: W, m, v are contiguous [out, in]
     in_u32 = tl.cast(in_features, tl.uint32)
     flat_index = (m0.to(tl.uint32) * in_u32 + n0.to(tl.uint32)) + (r[:, None].to(tl.uint32) * in_u32

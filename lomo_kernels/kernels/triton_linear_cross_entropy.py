@@ -37,7 +37,7 @@ import triton.language as tl
 from ..ops._common import UpdateRule
 from . import triton_update as _tu
 from ._triton_device import device_guard
-from .triton_update import _finish_tile, _widen
+from .triton_update import _finish_tile, _gemm_tile, _widen
 
 INTERPRETED: bool = _tu.INTERPRETED
 
@@ -218,21 +218,9 @@ def _rows_update_kernel(w_ptr, x_ptr, dy_ptr, rs_ptr, cs_ptr, row0, tokens, n_ro
     c = tl.arange(0, BLOCK_IN)
     row_ok = r < n_rows - m0
     col_ok = c < in_features - n0
-    dy_tile = dy_ptr + m0.to(tl.int64) * stride_dy_out + r[None, :] * stride_dy_out
-    x_tile = x_ptr + n0.to(tl.int64) * stride_x_in + c[None, :] * stride_x_in
-    acc = tl.zeros((BLOCK_OUT, BLOCK_IN), dtype=tl.float32)
-    for t0 in range(0, tokens, BLOCK_T):
-        tok = tl.arange(0, BLOCK_T)
-        tok_ok = tok < tokens - t0
-        t_off = tl.cast(t0, tl.int64)
-        dy = tl.load(dy_tile + t_off * stride_dy_tok + tok[:, None] * stride_dy_tok,
-                     mask=tok_ok[:, None] & row_ok[None, :], other=0.0)
-        x = tl.load(x_tile + t_off * stride_x_tok + tok[:, None] * stride_x_tok,
-                    mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_IN_FP32:
-            dy = _widen(dy)
-            x = _widen(x)
-        acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
+    acc = _gemm_tile(x_ptr, dy_ptr, tokens, m0, n0, r, c, row_ok, col_ok,
+                     stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
+                     DOT_IN_FP32, DOT_PRECISION, BLOCK_OUT, BLOCK_IN, BLOCK_T)
     first = tl.cast(row0, tl.int64) + m0
     w_tile = w_ptr + (first * stride_w_out + n0.to(tl.int64) * stride_w_in)
     in_u32 = tl.cast(in_features, tl.uint32)
