@@ -35,6 +35,10 @@ from tiny_archs import ArchSkip, build_tiny, causal_lm_model_types, sgd_referenc
 LR, WD, CLIP, STEPS = 0.05, 0.1, 1.0, 3
 ADALOMO_LR, ADALOMO_STEPS = 1e-2, 2
 TOL = 1e-4
+# Measured exceptions, each with its cause. CpmAnt: its attention projections' AdaLomo update after 2 steps
+# differs by 1.2e-4 of the update between the cpu backend (blocked GEMM order) and the torch backend (MKL's),
+# 2.3e-5 of the latter from lomo-optim: float summation order amplified by AdaLomo's per-entry rule.
+ADALOMO_TOL = {"CpmAntForCausalLM": 3e-4}
 MIN_OK = 40
 
 _RESULTS: dict[str, dict] = {}
@@ -186,7 +190,10 @@ def _adalomo_vs_lomo_optim(start, batch, unfused) -> dict:
     worst = max(errors, key=errors.get)
     left_out = sum(p.numel() - (0 if masks[n] is None else int(masks[n].sum())) for n, p in ours.named_parameters())
     out = {"adalomo_err": errors[worst], "adalomo_worst": worst, "adalomo_left_out": left_out}
-    if errors[worst] > TOL:
+    tol = ADALOMO_TOL.get(type(ours).__name__, TOL)
+    if tol != TOL and errors[worst] <= tol:
+        out["adalomo"] = f"within the looser {tol:g} stated for this model (ADALOMO_TOL)"
+    if errors[worst] > tol:
         out.update(status="failed", reason=f"AdaLomo vs lomo-optim: {worst} off by {errors[worst]:.2e}")
     return out
 
