@@ -80,9 +80,9 @@ def run(out_dir: str, quick: bool = False) -> list[dict]:
              "gradient hooks, bf16 weights stepped directly); lora = peft LoRA rank 8 on every attention/MLP "
              "linear, fp32 adapters, torch AdamW; hift-* = one decoder layer per group, the worst group's step "
              "over a cycle, inactive groups' optimizer state on the host (host_gib, not in total_gib)",
-             "setup_peak_gib (one GPU only): the peak before the measured step (construction and warm-up); for "
-             "hift-adamw it is lomo_kernels.AdamW allocating every moment on the device before HiFT moves them to "
-             "the host",
+             "setup_peak_gib (one GPU only): the peak before the measured step (construction and warm-up; "
+             "lomo_kernels.AdamW makes a parameter's moments at its first update, so under HiFT a group's at a "
+             "time)",
              f"each plan measures {sample} and {2 * sample} layers on fake tensors and extrapolates per layer; "
              f"extrapolation_error is the extrapolated total against the plan run at {3 * sample} layers",
              "ZeRO-3 rows are arithmetic: params, persistent grads and optimizer state / world size, plus one "

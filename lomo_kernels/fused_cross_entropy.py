@@ -134,7 +134,7 @@ class OptimizerHead:
         if isinstance(optimizer, Lomo):
             return "lomo"
         if isinstance(optimizer, AdamW):  # Apollo too: its head is AdamW-ruled unless projected
-            if param is not None and optimizer._name(param) not in optimizer.exp_avg:
+            if param is not None and optimizer._name(param) not in optimizer.adam_names:
                 return None
             return "adamw"
         return None

@@ -165,6 +165,7 @@ def test_no_weight_sized_tensor_beyond_the_moments():
     assert plain.largest.nbytes >= max(weights)  # the tracker sees an ordinary backward's gradients
 
     opt = lk.AdamW(model, lr=1e-3, weight_decay=0.1, clip_grad_norm=1.0, backend="torch")
+    opt.fused_backward(model(input_ids=ids, labels=ids).loss, 1e-3)  # the first step makes m and v (state)
     loss = model(input_ids=ids, labels=ids).loss
     with AllocationTracker() as fused:
         opt.grad_norm(loss)
@@ -243,8 +244,11 @@ def test_resume_is_exact():
         assert torch.equal(p, q), n
     with pytest.raises(ValueError, match="cannot load it into AdamW"):
         lk.AdamW(tiny_llama()).load_state_dict(lk.Lomo(tiny_llama()).state_dict())
+    two_layers = tiny_llama()
+    stepped = lk.AdamW(two_layers)
+    train_fused(stepped, two_layers, data[:1])  # moments exist once a parameter was updated
     with pytest.raises(ValueError, match="does not match this model"):
-        lk.AdamW(tiny_llama(layers=1)).load_state_dict(lk.AdamW(tiny_llama()).state_dict())
+        lk.AdamW(tiny_llama(layers=1)).load_state_dict(stepped.state_dict())
 
 
 def test_fp16_overflow_skips_without_touching_state():

@@ -108,7 +108,8 @@ def test_what_each_method_keeps_as_optimizer_state(small):
     hift = plan(small, "hift-adamw", "fp32", 2, 32, checkpointing=False)
     assert hift.per_gpu["optimizer_state"] <= 2 * 4 * max(layer, vocab * h, vocab * h + h)
     assert hift.host_bytes >= 2 * 4 * n
-    assert hift.setup_peak_bytes >= hift.per_gpu["params"] + 2 * 4 * n  # AdamW's moments all on the device first
+    # AdamW makes a parameter's moments at its first update, so no step (warm-up included) holds them all
+    assert hift.setup_peak_bytes < hift.per_gpu["params"] + 2 * 4 * n
     # LoRA rank 4 on the 7 linear layers of each block: fp32 adapters, AdamW moments for them only
     lora = plan(small, "lora", "fp32", 2, 32, checkpointing=False, lora_rank=4)
     adapters = 4 * sum(m + k for m, k in shapes) * layers

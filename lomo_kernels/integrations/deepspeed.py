@@ -774,12 +774,13 @@ def _project_apollo_weights(optimizer: Apollo, updater: "Zero3Updater", names: l
     for n in names:
         optimizer.exp_avg.pop(n, None)
         optimizer.exp_avg_sq.pop(n, None)
+    optimizer.adam_names -= set(names)
 
 
 def _shard_adamw_moments(optimizer: AdamW, updater: "Zero3Updater") -> None:
     """AdamW's ``m`` and ``v`` of each (non-projected) parameter cover only this rank's shard: flat, 1/W."""
     params = dict(optimizer.model.named_parameters())
-    for name in list(optimizer.exp_avg):
+    for name in sorted(optimizer.adam_names):
         info = updater.shards[id(params[name])]
         device = params[name].ds_tensor.device
         optimizer.exp_avg[name] = torch.zeros(info.end - info.start, dtype=optimizer.state_dtype, device=device)

@@ -371,10 +371,9 @@ def plan(model: str = "llama-7b", method: str = "lomo", dtype: str = "fp16", bat
     if method in HIFT_METHODS:
         notes.append(f"{method}: the peak of the worst group's step over a whole cycle; inactive groups' optimizer "
                      "state on the host (host_gib), not in the total")
-    if method == "hift-adamw" and extra["setup_peak"] > sum(measured.values()):
-        notes.append(f"hift-adamw: constructing lomo_kernels.AdamW allocates every group's moments on the device "
-                     f"before HiFT moves the inactive ones to the host: {extra['setup_peak'] / GiB:.2f} GiB at "
-                     "construction, above the step's peak")
+    if extra["setup_peak"] > sum(measured.values()):
+        notes.append(f"{method}: construction and the warm-up steps peak at {extra['setup_peak'] / GiB:.2f} GiB, "
+                     "above the measured step's")
     if method == "apollo-torch" and dtype != "fp32":
         notes.append("apollo-torch steps the 16-bit weights directly (no fp32 master), as its layer-wise examples")
     if method == "lora":

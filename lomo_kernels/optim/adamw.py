@@ -92,11 +92,11 @@ class AdamW(LossScaledMixin, FusedOptimizer):
                          rounding=rounding, seed=seed, no_decay=no_decay, unfused=unfused,
                          on_nonfinite=on_nonfinite, fused_cross_entropy=fused_cross_entropy)
         self.loss_scaler = DynamicLossScaler(**dict(loss_scale_args or {})) if self.checks_overflow else None
+        # m and v are made at a parameter's first update (zeros, as torch's lazy state): a wrapper that trains
+        # one group at a time (HiFT) never holds the other groups' moments on the device
         self.exp_avg: dict[str, torch.Tensor] = {}
         self.exp_avg_sq: dict[str, torch.Tensor] = {}
-        for name, p in self.adam_parameters():
-            self.exp_avg[name] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
-            self.exp_avg_sq[name] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
+        self.adam_names = {name for name, _ in self.adam_parameters()}
 
     def adam_parameters(self):
         """The (name, parameter) pairs this optimizer keeps AdamW moments for."""
@@ -115,7 +115,11 @@ class AdamW(LossScaledMixin, FusedOptimizer):
 
     def _moments(self, param):
         name = self._name(param)
-        return self.exp_avg[name], self.exp_avg_sq[name], name
+        m = self.exp_avg.get(name)
+        if m is None:
+            m = self.exp_avg[name] = torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
+            self.exp_avg_sq[name] = torch.zeros(param.shape, dtype=self.state_dtype, device=param.device)
+        return m, self.exp_avg_sq[name], name
 
     def linear_apply(self, param, x, dy):
         m, v, name = self._moments(param)
@@ -141,4 +145,13 @@ class AdamW(LossScaledMixin, FusedOptimizer):
         return self._adam_state()
 
     def _load_named_state(self, state):
-        load_named_tensors(type(self).__name__, self._adam_state(), state)
+        unknown = sorted(set(state) - self.adam_names)
+        if unknown:
+            raise ValueError(f"checkpoint's {type(self).__name__} state does not match this model: unexpected {unknown[:3]}")
+        params = dict(self.model.named_parameters())
+        for name in state:  # the moments the checkpoint has (every parameter updated before it was saved)
+            self._moments(params[name])
+        for name in set(self.exp_avg) - set(state):  # made here after the checkpoint's step: zeros, as then
+            self.exp_avg[name].zero_()
+            self.exp_avg_sq[name].zero_()
+        load_named_tensors(type(self).__name__, {n: e for n, e in self._adam_state().items() if n in state}, state)
