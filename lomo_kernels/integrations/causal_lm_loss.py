@@ -229,7 +229,7 @@ class FusedCausalLMLoss:
         if not self.engages(kwargs):
             return None
         labels = kwargs["labels"]
-        as_tuple = not kwargs.get("return_dict", getattr(module.config, "use_return_dict", True))
+        as_tuple = not kwargs.get("return_dict", getattr(module.config, "return_dict", True))
         self._call = {"labels": labels, "shift_labels": kwargs.get("shift_labels"), "as_tuple": as_tuple,
                       "num_items_in_batch": kwargs.get("num_items_in_batch"), "hidden": None}
         # a ModelOutput to fill in (turned back into the caller's tuple afterwards)
@@ -266,6 +266,6 @@ class FusedCausalLMLoss:
             if coef is None:  # multimodal wrappers keep it in the text config
                 coef = module.config.get_text_config().router_aux_loss_coef
             loss = loss + coef * aux_loss.to(loss.device)
-        output.loss = loss
-        output.logits = None
-        return output.to_tuple() if call["as_tuple"] else output  # (loss, ...): the logits' place is dropped
+        # a new output of the model's class: loss first, no logits (a ModelOutput keeps its keys as built)
+        output = type(output)(loss=loss, **{k: v for k, v in output.items() if k not in ("loss", "logits")})
+        return output.to_tuple() if call["as_tuple"] else output  # a tuple starts with the loss, as the model's
