@@ -70,10 +70,10 @@ class LomoHead:
 
     def __init__(self, *, lr: float, weight_decay: float = 0.0, coef: float = 1.0, loss_scale: float = 1.0,
                  clip_value: float | None = None, rounding: str = "nearest", seed: int = 0, backend: str = "auto",
-                 name: str = "lm_head"):
+                 name: str = "lm_head", nonfinite: torch.Tensor | None = None):
         UpdateRule.make(lr, weight_decay, coef, loss_scale, clip_value, rounding, seed, name)  # check now
         self.args = dict(lr=lr, weight_decay=weight_decay, coef=coef, loss_scale=loss_scale, clip_value=clip_value,
-                         rounding=rounding, seed=seed, backend=backend, name=name)
+                         rounding=rounding, seed=seed, backend=backend, name=name, nonfinite=nonfinite)
 
     def passes(self, weight):
         return ("apply",)
@@ -149,7 +149,7 @@ class OptimizerHead:
             self._state = None
             return ()
         if self._kind == "lomo":
-            self._state = LomoHead(**_without_counter(opt._rule(weight)))
+            self._state = LomoHead(**opt._rule(weight))
             return ("apply",)
         if self._kind == "adamw":
             self._state = ("adamw", opt.adam_rule(weight))  # one rule (step count, seed) for every chunk
@@ -196,7 +196,7 @@ class OptimizerHead:
                 st["name"], st["row"].mul_(coef_sq / in_f), st["col"].mul_(coef_sq / out_f))
         elif pass_name == "scaled_norm":
             coef = opt.clip_coef * opt.normalizer(coef_sq * st["stats"][0].item(), weight.numel())
-            st["args"] = _without_counter(opt._apply_args(weight, coef))  # lr·RMS(W) of the old W, one seed for the step
+            st["args"] = opt._apply_args(weight, coef)  # lr·RMS(W) of the old W, one seed for the step
         else:
             self._state = None
 
@@ -325,9 +325,3 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                               memory_budget=memory_budget, device=weight.device, backend=backend)
     denom = lce.normalizer(labels1, cfg, num_items_in_batch)
     return FusedLinearCrossEntropy.apply(hidden2, weight, bias, labels1, denom, updater, cfg)
-
-
-def _without_counter(rule: dict) -> dict:
-    """The optimizer's rule arguments less its non-finite counter: the chunked head update is guarded
-    (``_common.apply_rule_``) but does not count yet."""
-    return {k: v for k, v in rule.items() if k != "nonfinite"}

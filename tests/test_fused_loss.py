@@ -256,3 +256,23 @@ def test_a_failed_construction_leaves_the_model_free():
         lk.Apollo(model, rank=4, projected=["model.embed_tokens.weight"])  # raises after the hold was taken
     with lk.Lomo(model, lr=0.0) as opt:  # not refused as "already held"
         assert opt.fused_cross_entropy
+
+
+@pytest.mark.parametrize("optimizer", ["lomo", "adalomo"])
+def test_the_heads_kept_non_finite_updates_are_counted(optimizer):
+    """An lr so large that updates overflow: every weight stays finite, and the fused head's kept elements
+    are counted like the logits path's (the same elements overflow)."""
+    model = llama()
+    ids = batches(model.config.vocab_size, 1)[0]
+    counts = {}
+    for fused in (True, False):
+        m = copy.deepcopy(model)
+        make = lk.Lomo if optimizer == "lomo" else lk.AdaLomo
+        lr = 1e42
+        with make(m, lr=lr, fused_cross_entropy=fused) as opt:
+            opt.fused_backward(m(input_ids=ids, labels=ids).loss, lr)
+            counts[fused] = opt.last_nonfinite_updates
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+        head = m.lm_head.weight
+        assert bool((head == model.lm_head.weight).any()), "some of the head's elements were kept"
+    assert counts[True] == counts[False] > 0

@@ -148,9 +148,13 @@ def test_rows_update_equals_reference(wdtype, rounding, scaled):
     cs = torch.rand(d, generator=g).to(DEVICE) + 0.5 if scaled else None
     rule = UpdateRule.make(0.3, weight_decay=0.1, loss_scale=2.0, clip_value=0.05, rounding=rounding, seed=11)
     args = (rs, cs, rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed)
+    dy[3, 5] = float("nan")  # row 5's update is not finite (value clipping keeps an inf finite): kept, counted
     W_ref, W_got = W0.clone(), W0.clone()
-    lce._rows_update_impl(W_ref, row0, x, dy, *args, "torch")
-    lce._rows_update_impl(W_got, row0, x, dy, *args, "triton")
+    c_ref, c_got = (torch.zeros(1, dtype=torch.int64, device=DEVICE) for _ in range(2))
+    lce._rows_update_impl(W_ref, row0, x, dy, *args, c_ref, "torch")
+    lce._rows_update_impl(W_got, row0, x, dy, *args, c_got, "triton")
+    assert int(c_ref) == int(c_got) >= d
+    assert torch.equal(W_got[row0 + 5], W0[row0 + 5]) and torch.equal(W_ref[row0 + 5], W0[row0 + 5])
     assert torch.equal(W_got[:row0], W0[:row0]) and torch.equal(W_got[row0 + n:], W0[row0 + n:])
     _assert_weights_close(W_got, W_ref, W0)
 

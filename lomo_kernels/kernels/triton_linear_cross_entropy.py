@@ -204,14 +204,16 @@ def _grad_hidden_kernel(dr_ptr, w_ptr, gh_ptr, tokens, n_cols, v_begin, hidden,
 
 
 @triton.jit(do_not_specialize=["seed_mix"])
-def _rows_update_kernel(w_ptr, x_ptr, dy_ptr, rs_ptr, cs_ptr, row0, tokens, n_rows, in_features,
+def _rows_update_kernel(w_ptr, x_ptr, dy_ptr, rs_ptr, cs_ptr, count_ptr, row0, tokens, n_rows, in_features,
                         stride_w_out, stride_w_in, stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
                         decay, step, inv_loss_scale, clip_value, seed_mix,
-                        SCALED: tl.constexpr, STOCHASTIC: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                        SCALED: tl.constexpr, STOCHASTIC: tl.constexpr, COUNT: tl.constexpr,
+                        DOT_IN_FP32: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
                         BLOCK_T: tl.constexpr):
     """One ``[BLOCK_OUT, BLOCK_IN]`` tile of ``G = dyᵀx`` for weight rows ``row0 + m0 + i``, finished by
-    ``triton_update._finish_tile`` (``w_ptr`` points at row 0 of the whole weight)."""
+    ``triton_update._finish_tile`` (``w_ptr`` points at row 0 of the whole weight; ``COUNT``: kept
+    non-finite updates added to ``count_ptr[0]``)."""
     m0 = tl.program_id(0) * BLOCK_OUT
     n0 = tl.program_id(1) * BLOCK_IN
     r = tl.arange(0, BLOCK_OUT)
@@ -235,10 +237,10 @@ def _rows_update_kernel(w_ptr, x_ptr, dy_ptr, rs_ptr, cs_ptr, row0, tokens, n_ro
         cs = tl.load(cs_ptr + n0 + c, mask=col_ok, other=0.0)
         u = u * rs[:, None] * cs[None, :]
         _finish_tile(u, w_ptrs, flat_index, mask, w_ptr, decay, step, 1.0, float("inf"), seed_mix,
-                     False, STOCHASTIC)
+                     False, STOCHASTIC, count_ptr, COUNT)
     else:
         _finish_tile(acc, w_ptrs, flat_index, mask, w_ptr, decay, step, inv_loss_scale, clip_value, seed_mix,
-                     False, STOCHASTIC)
+                     False, STOCHASTIC, count_ptr, COUNT)
 
 
 # --- launch configuration -----------------------------------------------------------------------
@@ -362,7 +364,8 @@ def grad_hidden_add_(grad_h: torch.Tensor, dr: torch.Tensor, weight: torch.Tenso
 
 
 def rows_update(weight: torch.Tensor, row0: int, x: torch.Tensor, grad_out: torch.Tensor,
-                row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, rule: UpdateRule) -> None:
+                row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, rule: UpdateRule,
+                nonfinite: torch.Tensor | None = None) -> None:
     """Rows ``[row0, row0 + grad_out.shape[1])`` of ``weight`` get the rule from ``G = grad_outᵀ x``, as
     ``_rows_update_impl`` (stochastic rounding keyed by the flat index in the whole weight)."""
     _check(weight, x, grad_out)
@@ -378,10 +381,11 @@ def rows_update(weight: torch.Tensor, row0: int, x: torch.Tensor, grad_out: torc
     grid = (triton.cdiv(n_rows, cfg["BLOCK_OUT"]), triton.cdiv(in_features, cfg["BLOCK_IN"]))
     with device_guard(weight.device):
         _rows_update_kernel[grid](
-            weight, x, grad_out, row_scale if scaled else weight, col_scale if scaled else weight, int(row0),
+            weight, x, grad_out, row_scale if scaled else weight, col_scale if scaled else weight,
+            nonfinite if nonfinite is not None else weight, int(row0),
             tokens, n_rows, in_features, weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
             grad_out.stride(0), grad_out.stride(1), *_tu._rule_args(rule),
-            SCALED=scaled, STOCHASTIC=rule.stochastic and weight.dtype != torch.float32,
+            SCALED=scaled, STOCHASTIC=rule.stochastic and weight.dtype != torch.float32, COUNT=nonfinite is not None,
             DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision, **cfg, **_tu._NO_FMA)
 
 

@@ -60,13 +60,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import backends
 from ..kernels import reference
-from ._common import UpdateRule, apply_rule_, check_stats, check_weight, run_op
+from ._common import UpdateRule, apply_rule_, check_counter, check_stats, check_weight, run_op
 from .linear_update import linear_grad_sqnorm_
 
 DEFAULT_MEMORY_BUDGET = {"cpu": 16 << 20, "other": 64 << 20}
@@ -197,31 +198,32 @@ def _triton():
 
 def _rows_update_impl(weight: torch.Tensor, row0: int, x: torch.Tensor, grad_out: torch.Tensor,
                       row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, decay: float, step: float,
-                      inv_loss_scale: float, clip_value: float, stochastic: bool, seed: int, backend: str) -> None:
+                      inv_loss_scale: float, clip_value: float, stochastic: bool, seed: int,
+                      nonfinite: Optional[torch.Tensor], backend: str) -> None:
     rule = UpdateRule(decay, step, inv_loss_scale, clip_value, stochastic, seed)
     if backend == "triton":  # every case in one kernel: flat offsets and AdaLomo's scales in its epilogue
-        _triton().rows_update(weight, row0, x, grad_out, row_scale, col_scale, rule)
+        _triton().rows_update(weight, row0, x, grad_out, row_scale, col_scale, rule, nonfinite)
         return
     rows = weight[row0:row0 + grad_out.shape[1]]
     if row_scale is None and (not stochastic or weight.dtype == torch.float32):
         # flat offsets matter only to stochastic rounding: any backend's kernel on the row view is the rule
-        backends.module(backend).linear_update(rows, x, grad_out, rule)
+        backends.module(backend).linear_update(rows, x, grad_out, rule, nonfinite)
         return
     scaled = dataclasses.replace(rule, inv_loss_scale=1.0, clip_value=math.inf)
     in_f = weight.shape[1]
     for r0, r1, g in reference._clipped_gradient_blocks(x, grad_out, inv_loss_scale, clip_value):
         if row_scale is not None:
             g = g * row_scale[r0:r1, None] * col_scale
-        apply_rule_(rows[r0:r1], g, scaled, flat_offset=(row0 + r0) * in_f)
+        apply_rule_(rows[r0:r1], g, scaled, flat_offset=(row0 + r0) * in_f, nonfinite=nonfinite)
 
 
-_rows_update_op = torch.library.custom_op("lomo_kernels::linear_update_rows_", mutates_args=("weight",))(
-    _rows_update_impl)
+_rows_update_op = torch.library.custom_op("lomo_kernels::linear_update_rows_",
+                                          mutates_args=("weight", "nonfinite"))(_rows_update_impl)
 
 
 @_rows_update_op.register_fake
 def _(weight, row0, x, grad_out, row_scale, col_scale, decay, step, inv_loss_scale, clip_value, stochastic, seed,
-      backend):
+      nonfinite, backend):
     return None
 
 
@@ -231,12 +233,13 @@ def linear_update_rows_(weight: torch.Tensor, row0: int, x: torch.Tensor, grad_o
                         weight_decay: float = 0.0, coef: float = 1.0, loss_scale: float = 1.0,
                         clip_value: float | None = None, rounding: str = "nearest", seed: int = 0,
                         row_scale: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
-                        backend: str = "auto", name: str = "weight") -> None:
+                        backend: str = "auto", name: str = "weight", nonfinite: torch.Tensor | None = None) -> None:
     """Rows ``[row0, row0 + grad_out.shape[1])`` of ``weight`` [V, d] get ``linear_update_``'s rule from
     ``G = grad_outᵀ x`` (x [T, d], grad_out [T, n], one float dtype), optionally AdaLomo's
     ``row_scale_i · u_ij · col_scale_j`` (row_scale [n] for these rows, col_scale [d]). Stochastic rounding
     uses each element's flat index in the whole weight: the rows of a chunked update round exactly as
-    ``linear_update_`` on the whole weight would with the same seed. Checks before any write."""
+    ``linear_update_`` on the whole weight would with the same seed. Elements whose update is not finite keep
+    their value (every backend) and, with ``nonfinite``, are counted into it. Checks before any write."""
     rule = UpdateRule.make(lr, weight_decay, coef, loss_scale, clip_value, rounding, seed, name)
     check_weight(weight, name)
     if weight.dim() != 2:
@@ -254,10 +257,11 @@ def linear_update_rows_(weight: torch.Tensor, row0: int, x: torch.Tensor, grad_o
     if row_scale is not None and (row_scale.shape != (n,) or col_scale.shape != (weight.shape[1],)
                                   or row_scale.dtype != torch.float32 or col_scale.dtype != torch.float32):
         raise ValueError(f"{name}: row_scale must be float32 ({n},) and col_scale float32 ({weight.shape[1]},)")
+    check_counter(nonfinite, weight, name)
     chosen = backends.resolve(backend, weight.device)
-    run_op(_rows_update_op, _rows_update_impl, (weight,), weight, int(row0), x.contiguous(), grad_out.contiguous(),
-           row_scale, col_scale, rule.decay, rule.step, rule.inv_loss_scale, rule.clip_value, rule.stochastic,
-           rule.seed, chosen)
+    run_op(_rows_update_op, _rows_update_impl, (weight,) + ((nonfinite,) if nonfinite is not None else ()), weight,
+           int(row0), x.contiguous(), grad_out.contiguous(), row_scale, col_scale, rule.decay, rule.step,
+           rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed, nonfinite, chosen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,7 +443,7 @@ def linear_cross_entropy_update_(hidden: torch.Tensor, weight: torch.Tensor, lab
 
         def on_chunk(_pass, v0, v1, h32, dr):
             run_op(_rows_update_op, _rows_update_impl, (weight,), weight, v0, h32, dr, None, None, rule.decay,
-                   rule.step, rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed, chosen)
+                   rule.step, rule.inv_loss_scale, rule.clip_value, rule.stochastic, rule.seed, None, chosen)
 
         grad_h, grad_b = chunk_loop(hidden2, weight, bias, labels1, lse, token_coef, cfg, ("apply",), on_chunk,
                                     lambda _p: None)
