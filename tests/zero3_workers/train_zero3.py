@@ -232,6 +232,10 @@ def worker(rank, out_file, port):
     results = {name: run_case(name, rank) for name in (chosen.split(",") if chosen else CASES)}
     if rank == 0:
         torch.save(dict(results=results, batches=batches(), model=MODEL), out_file)
+    # a clean shutdown: gloo's threads still running at interpreter exit can abort a rank ("terminate called
+    # without an active exception"), which fails the run after its results were written
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
