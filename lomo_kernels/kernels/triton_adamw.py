@@ -21,7 +21,7 @@ from ..ops._common import mix32_int
 from . import reference_adamw
 from ._triton_device import device_guard
 from .triton_update import (INTERPRETED, _NO_FMA, _check_device, _gemm_config, _gemm_tile, _is_finite, _round_nearest,
-                            _round_stochastic, _widen)
+                            _round_stochastic, _tile_coords, _widen)
 
 
 @triton.jit
@@ -44,12 +44,7 @@ def _adamw_linear_kernel(w_ptr, m_ptr, v_ptr, x_ptr, dy_ptr, count_ptr, tokens, 
                          DOT_IN_FP32: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
                          BLOCK_T: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_OUT
-    n0 = tl.program_id(1) * BLOCK_IN
-    r = tl.arange(0, BLOCK_OUT)
-    c = tl.arange(0, BLOCK_IN)
-    row_ok = r < out_features - m0
-    col_ok = c < in_features - n0
+    m0, n0, r, c, row_ok, col_ok = _tile_coords(out_features, in_features, BLOCK_OUT, BLOCK_IN)
     acc = _gemm_tile(x_ptr, dy_ptr, tokens, m0, n0, r, c, row_ok, col_ok,
                      stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
                      DOT_IN_FP32, DOT_PRECISION, BLOCK_OUT, BLOCK_IN, BLOCK_T)

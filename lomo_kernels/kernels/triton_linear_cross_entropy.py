@@ -37,7 +37,7 @@ import triton.language as tl
 from ..ops._common import UpdateRule
 from . import triton_update as _tu
 from ._triton_device import device_guard
-from .triton_update import _finish_tile, _gemm_tile, _widen
+from .triton_update import _finish_tile, _gemm_tile, _tile_coords, _widen
 
 INTERPRETED: bool = _tu.INTERPRETED
 
@@ -214,12 +214,7 @@ def _rows_update_kernel(w_ptr, x_ptr, dy_ptr, rs_ptr, cs_ptr, count_ptr, row0, t
     """One ``[BLOCK_OUT, BLOCK_IN]`` tile of ``G = dyᵀx`` for weight rows ``row0 + m0 + i``, finished by
     ``triton_update._finish_tile`` (``w_ptr`` points at row 0 of the whole weight; ``COUNT``: kept
     non-finite updates added to ``count_ptr[0]``)."""
-    m0 = tl.program_id(0) * BLOCK_OUT
-    n0 = tl.program_id(1) * BLOCK_IN
-    r = tl.arange(0, BLOCK_OUT)
-    c = tl.arange(0, BLOCK_IN)
-    row_ok = r < n_rows - m0
-    col_ok = c < in_features - n0
+    m0, n0, r, c, row_ok, col_ok = _tile_coords(n_rows, in_features, BLOCK_OUT, BLOCK_IN)
     acc = _gemm_tile(x_ptr, dy_ptr, tokens, m0, n0, r, c, row_ok, col_ok,
                      stride_x_tok, stride_x_in, stride_dy_tok, stride_dy_out,
                      DOT_IN_FP32, DOT_PRECISION, BLOCK_OUT, BLOCK_IN, BLOCK_T)
