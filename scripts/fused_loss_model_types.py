@@ -5,7 +5,7 @@ tests/tiny_archs.py): the plain model's ``model(**batch).loss`` against the loss
 through ``lomo_kernels.integrations.causal_lm_loss`` (the type allowed for the check), fp32. A type is
 listed (its ``AutoModelForCausalLM`` class, the one checked) when they agree within 1e-6 relative and the held forward returns no logits, also with every
 logit-scale-like config float set to an unusual value and router logits on (``perturbed``). Prints the dict
-``FUSED_LOSS_CLASSES`` (class name -> model type) and, on stderr, why each other type is out.
+``FUSED_LOSS_CLASSES`` (class name -> the model types verified) and, on stderr, why each other type is out.
 
     .venv/bin/python scripts/fused_loss_model_types.py
 """
@@ -17,6 +17,7 @@ import sys
 import warnings
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -40,7 +41,10 @@ def perturbed(model_type: str):
     for config in [cfg] + ([text] if text is not None and text is not cfg else []):
         for key, value in list(vars(config).items()):
             if (value is None or type(value) is float) and any(s in key.lower() for s in SUSPECT_KEYS):
-                setattr(config, key, 0.37 if value in (None, 0.0, 1.0) else value * 1.7)
+                try:
+                    setattr(config, key, 0.37 if value in (None, 0.0, 1.0) else value * 1.7)
+                except (TypeError, ValueError, StrictDataclassError):  # a validated non-float field (rope_scaling)
+                    continue
                 changed = True
         if hasattr(config, "output_router_logits"):
             config.output_router_logits = True
@@ -77,7 +81,7 @@ def compare(model, batch) -> str | None:
     if expected is None:
         return "its forward returns no loss for labels"
     allowed = causal_lm_loss.FUSED_LOSS_CLASSES
-    causal_lm_loss.FUSED_LOSS_CLASSES = {type(model).__name__: model.config.model_type}
+    causal_lm_loss.FUSED_LOSS_CLASSES = {type(model).__name__: (model.config.model_type,)}
     unfused: list[str] = []  # weights the model uses unfusably go to the dense route, as in the sweep
     try:
         while True:
@@ -121,9 +125,13 @@ def main() -> None:
         else:
             print(f"{model_type}: {reason}", file=sys.stderr)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    by_class: dict[str, list[str]] = {}
+    for t in sorted(ok):
+        by_class.setdefault(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t], []).append(t)
     print("FUSED_LOSS_CLASSES = {")
-    for t in sorted(ok, key=lambda t: MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t]):
-        print(f'    "{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t]}": "{t}",')
+    for cls in sorted(by_class):
+        types = ", ".join(f'"{t}"' for t in by_class[cls])
+        print(f'    "{cls}": ({types}{"," if len(by_class[cls]) == 1 else ""}),')
     print("}")
     print(f"# {len(ok)} types", file=sys.stderr)
 

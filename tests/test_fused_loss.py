@@ -30,6 +30,17 @@ def tiny_gpt2(vocab=301):
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
 
 
+def scaled_logits_model(kind: str, vocab=301):
+    """Granite (logits / logits_scaling, untied) or Cohere (logits · logit_scale, tied), unusual scales."""
+    from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
+    torch.manual_seed(0)
+    shape = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    if kind == "granite":
+        return GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=3.0)).train()
+    return CohereForCausalLM(CohereConfig(**shape, logit_scale=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)).train()
+
+
 def llama(vocab=301, **kw):
     torch.manual_seed(0)
     return tiny_llama(vocab_size=vocab, **kw).train()
@@ -82,10 +93,12 @@ MAKERS = {
 }
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2_tied"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2_tied", "granite", "cohere_tied"])
 @pytest.mark.parametrize("optimizer", list(MAKERS))
 def test_steps_equal_the_logits_path(arch, optimizer):
-    model = llama() if arch == "llama" else tiny_gpt2()
+    """Also for models that scale their logits by a config scalar (the fused loss on s·H)."""
+    model = (llama() if arch == "llama" else tiny_gpt2() if arch == "gpt2_tied"
+             else scaled_logits_model(arch.removesuffix("_tied")))
     lr, make = MAKERS[optimizer]
     start, plain = copy.deepcopy(model), copy.deepcopy(model)
     data = batches(model.config.vocab_size)
@@ -208,7 +221,7 @@ def _load_script():
     return module
 
 
-@pytest.mark.parametrize("model_type", sorted(causal_lm_loss.FUSED_LOSS_CLASSES.values()))
+@pytest.mark.parametrize("model_type", sorted(t for types in causal_lm_loss.FUSED_LOSS_CLASSES.values() for t in types))
 def test_listed_model_type_still_matches(model_type):
     """The list was made with transformers 5.23; the installed one must still agree, type by type."""
     from tiny_archs import causal_lm_model_types
