@@ -278,6 +278,17 @@ def test_bad_arguments_exit_2_naming_the_argument(tiny, capsys, extra, flag):
     assert flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, flag", [
+    (["--gpus", "2"], "--gpus"), (["--gpu-tflops", "100"], "--gpu-tflops"), (["--exhaustive"], "--exhaustive"),
+    (["--chart", "x.png"], "--chart"), (["--hift-group-size", "2"], "--hift-group-size"),
+    (["--apollo-rank", "4"], "--apollo-rank"), (["--lora-rank", "4"], "--lora-rank"),
+])
+def test_plan_refuses_options_it_would_ignore(tiny, capsys, extra, flag):
+    """Without --recommend (and for methods that do not take them) an option would be silently ignored."""
+    assert main(["--model", tiny, "--method", "lomo", "--seq-len", "16"] + extra) == 2
+    assert flag in capsys.readouterr().err
+
+
 def test_recommend_needs_gpu_gib(tiny, capsys):
     assert main(["--recommend", "--model", tiny]) == 2
     assert "--gpu-gib" in capsys.readouterr().err

@@ -44,8 +44,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .methods import (ALL_METHODS, DEFAULT_LORA_RANK, FUSED_METHODS, HIFT_METHODS, METHODS, StepConfig, Trainer,
-                      missing_requirement)
+from .methods import (ALL_METHODS, DEFAULT_APOLLO_RANK, DEFAULT_LORA_RANK, FUSED_METHODS, HIFT_METHODS, METHODS,
+                      StepConfig, Trainer, missing_requirement)
 from .tracker import CATEGORIES, GiB, MemoryTracker
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -437,6 +437,28 @@ def format_table(results: list[PlanResult]) -> str:
     return "\n".join(lines)
 
 
+def _unused_options(args: argparse.Namespace, methods) -> str | None:
+    """An option the user set that this plan would silently ignore (None: none)."""
+    from .recommend import DEFAULT_EFFICIENCY, DEFAULT_LINK_GBPS, DEFAULT_MAX_BATCH, DEFAULT_TFLOPS
+    recommend_only = {"--gpus": (getattr(args, "gpus", 1), 1),
+                      "--gpu-tflops": (getattr(args, "gpu_tflops", DEFAULT_TFLOPS), DEFAULT_TFLOPS),
+                      "--gpu-efficiency": (getattr(args, "gpu_efficiency", DEFAULT_EFFICIENCY), DEFAULT_EFFICIENCY),
+                      "--link-gbps": (getattr(args, "link_gbps", DEFAULT_LINK_GBPS), DEFAULT_LINK_GBPS),
+                      "--max-batch-size": (getattr(args, "max_batch_size", DEFAULT_MAX_BATCH), DEFAULT_MAX_BATCH),
+                      "--jobs": (getattr(args, "jobs", None), None), "--exhaustive": (getattr(args, "exhaustive", False), False),
+                      "--chart": (getattr(args, "chart", None), None)}
+    given = [flag for flag, (value, default) in recommend_only.items() if value != default]
+    if given:
+        return f"{', '.join(given)} only apply with --recommend (the ranking of every candidate for your GPUs)"
+    per_method = (("--hift-group-size", getattr(args, "hift_group_size", 1), 1, HIFT_METHODS),
+                  ("--apollo-rank", getattr(args, "apollo_rank", None), None, tuple(DEFAULT_APOLLO_RANK)),
+                  ("--lora-rank", getattr(args, "lora_rank", DEFAULT_LORA_RANK), DEFAULT_LORA_RANK, ("lora",)))
+    for flag, value, default, users in per_method:
+        if value != default and not any(m in users for m in methods):
+            return f"{flag} applies to {', '.join(users)}, none of which is planned (--method {args.method})"
+    return None
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """The ``plan`` command: a table (or JSON) on stdout, warnings on stderr; returns the exit status."""
     if getattr(args, "recommend", False):
@@ -459,6 +481,10 @@ def run_plan(args: argparse.Namespace) -> int:
         methods = tuple(m.strip() for m in args.method.split(","))
     if args.gpu_gib is not None and not (math.isfinite(args.gpu_gib) and args.gpu_gib > 0):
         print(f"error: --gpu-gib must be a positive number of GiB, got {args.gpu_gib}", file=sys.stderr)
+        return EXIT_USAGE
+    unused = _unused_options(args, methods)
+    if unused:
+        print(f"error: {unused}", file=sys.stderr)
         return EXIT_USAGE
     options = dict(apollo_rank=getattr(args, "apollo_rank", None),
                    lora_rank=getattr(args, "lora_rank", DEFAULT_LORA_RANK),
