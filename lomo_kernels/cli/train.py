@@ -125,7 +125,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool
     add(g, "--fused-cross-entropy", action=argparse.BooleanOptionalAction,
         help="compute the loss with the LM head's update fused into the cross-entropy (no logits tensor, no LM-head "
              "gradient), where the optimizer has that rule and the model's loss was verified equal to it "
-             "(default: on for such optimizers; the run's header says whether it is on and why not)")
+             "(default: on for such optimizers; the run's header says whether it is on and why not; given explicitly "
+             "where it cannot apply: exit status 2)")
     add(g, "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
         help="recompute activations in the backward pass to save memory")
     add(g, "--seed", type=int, default=0, help="seed of initialization, data split and order, stochastic rounding")

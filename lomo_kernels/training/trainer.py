@@ -303,6 +303,13 @@ def prepare(args, explicit: set[str], say) -> Run:
         runner = build_runner(args, model)
     except ValueError as exc:
         raise UsageError(f"--optimizer {args.optimizer}: {exc}") from None
+    held = getattr(runner, "opt", None)
+    held = getattr(held, "optimizer", held)  # HiFT wraps the fused optimizer
+    if "fused_cross_entropy" in explicit and args.fused_cross_entropy and not getattr(held, "fused_cross_entropy", True):
+        reason = held.fused_cross_entropy_reason
+        runner.opt.close()  # asked for explicitly, not silently dropped: bad input, before any write
+        raise UsageError(f"--fused-cross-entropy does not apply to this run: {reason} (leave it out to run with the "
+                         "model's own loss, or pass --no-fused-cross-entropy)")
 
     # Everything is checked: from here on the output directory is written.
     if args.overwrite and out.exists():
