@@ -1,6 +1,6 @@
-// The CPU kernels' shared machinery (csrc/cpu/*.cpp): block sizes, the AVX-512 building blocks of the
-// per-element epilogues, the block GEMMs G = dyᵀx from the activations' own dtype, and the checks and
-// counters every op uses. Header-only (inline): each op's file includes it.
+// The CPU kernels' shared machinery (csrc/cpu/*.cpp): block sizes, the vector epilogues' dispatch
+// (simd_kernels.h holds them), the block GEMMs G = dyᵀx from the activations' own dtype, and the
+// checks and counters every op uses. Header-only (inline): each op's file includes it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,121 +42,87 @@ inline bool env_is(const char* name, const char* value) {
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 
-// ---- AVX-512 epilogues ----------------------------------------------------------------------------
-//
-// The same per-element math as lomo_math.h, 16 lanes at a time: every operation is the IEEE single
-// operation the scalar code does (mul, sub, div, compares, integer bit manipulation), so the results
-// are bit-identical to the scalar path (and hence to the torch reference). Compiled for AVX-512F
-// through a function attribute and used only when the CPU has it (and LOMO_CPU_SIMD is not "0").
+struct NormSums {
+  double square = 0.0;
+  int64_t nonfinite = 0;
+};
 
-inline bool simd_enabled() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool cpu_has = __builtin_cpu_supports("avx512f");
-  return cpu_has && !env_is("LOMO_CPU_SIMD", "0");
+// ---- vector epilogues -----------------------------------------------------------------------------
+//
+// The per-element math of lomo_math.h 16 (AVX-512F) or 8 (AVX2 + FMA) lanes at a time, bit-identical
+// to the scalar loop (simd_kernels.h says how). The widest ISA the CPU has runs; LOMO_CPU_SIMD=0
+// forces the scalar loop and LOMO_CPU_SIMD=avx2 caps at AVX2 (so an AVX-512 machine tests that path).
+// Read on every call: tests switch it at run time. GCC only: clang has no `#pragma GCC target` (it
+// takes the scalar path).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LOMO_HAVE_SIMD 1
+#endif
+
+enum class Simd { scalar, avx2, avx512 };
+
+inline Simd simd_level() {
+#ifdef LOMO_HAVE_SIMD
+  static const Simd cpu = __builtin_cpu_supports("avx512f")                                 ? Simd::avx512
+                          : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Simd::avx2
+                                                                                            : Simd::scalar;
+  if (env_is("LOMO_CPU_SIMD", "0")) return Simd::scalar;
+  if (env_is("LOMO_CPU_SIMD", "avx2")) return std::min(cpu, Simd::avx2);
+  return cpu;
 #else
-  return false;
+  return Simd::scalar;
 #endif
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LOMO_HAVE_AVX512_PATH 1
-// GCC 12 reports the _mm512_undefined_* temporaries inside its own unmasked intrinsics as
-// uninitialized once they are inlined; they are not.
+#ifdef LOMO_HAVE_SIMD
+// A vector operation GCC cannot map onto the ISA's registers shows in the build log.
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#define LOMO_AVX512 __attribute__((target("avx512f")))
+#pragma GCC diagnostic warning "-Wvector-operation-performance"
 
-LOMO_AVX512 inline __m512i v_u32(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+constexpr int N = 16;
+inline __m512 fma_v(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+// Zero-masked forms: the unmasked ones' undefined-register temporaries trip -Wmaybe-uninitialized.
+inline __m512 sqrt_v(__m512 a) { return _mm512_maskz_sqrt_ps(0xffff, a); }
+inline __m512d widen_v(__m256 a) { return _mm512_maskz_cvtps_pd(0xff, a); }
+#include "simd_kernels.h"
+}  // namespace avx512
+#pragma GCC pop_options
 
-// 16 bf16 values held in the low half of 32-bit lanes -> fp32 (upper lane bits ignored).
-LOMO_AVX512 inline __m512 v_bf16_to_f32(__m512i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)); }
-
-LOMO_AVX512 inline __m512 v_abs(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), v_u32(0x7fffffffu)));
-}
-
-LOMO_AVX512 inline __mmask16 v_is_finite(__m512 v) {
-  const __m512i e = _mm512_and_si512(_mm512_castps_si512(v), v_u32(0x7f800000u));
-  return _mm512_cmpneq_epi32_mask(e, v_u32(0x7f800000u));
-}
-
-// The rule's scalars broadcast once per span (held in registers: the stores to w may alias the Rule).
-struct VRule {
-  __m512 inv_loss_scale, bound, neg_bound, decay, step;
-  __m512i seed_hash;
-  bool stochastic;
-};
-
-LOMO_AVX512 inline VRule v_rule(const Rule& rule) {
-  return VRule{_mm512_set1_ps(rule.inv_loss_scale), _mm512_set1_ps(rule.clip_value), _mm512_set1_ps(-rule.clip_value),
-               _mm512_set1_ps(rule.decay),          _mm512_set1_ps(rule.step),       v_u32(rule.seed_hash),
-               rule.stochastic};
-}
-
-// updated_value(): clamp_nan(g*inv_loss_scale, ±clip) then w*decay - step*u, each rounded on its own.
-LOMO_AVX512 inline __m512 v_updated_value(__m512 w, __m512 g, const VRule& rule) {
-  const __m512 u0 = _mm512_mul_ps(g, rule.inv_loss_scale);
-  // lower = u < -bound ? -bound : u;  u = bound < lower ? bound : lower  (NaN fails both tests)
-  const __m512 lower = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u0, rule.neg_bound, _CMP_LT_OQ), u0, rule.neg_bound);
-  const __m512 u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(rule.bound, lower, _CMP_LT_OQ), lower, rule.bound);
-  return _mm512_sub_ps(_mm512_mul_ps(w, rule.decay), _mm512_mul_ps(rule.step, u));
-}
-
-// bf16_nearest(), the result in the low half of each 32-bit lane.
-LOMO_AVX512 inline __m512i v_bf16_nearest(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, v_u32(0x7fffffffu)), v_u32(0x7f800000u));
-  const __m512i bias = _mm512_add_epi32(v_u32(0x7fffu), _mm512_and_si512(_mm512_srli_epi32(u, 16), v_u32(1u)));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  return _mm512_mask_mov_epi32(rounded, nan, v_u32(0x7fc0u));
-}
-
-LOMO_AVX512 inline __m512i v_mix32(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, v_u32(0x7feb352du));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, v_u32(0x846ca68bu));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-}
-
-// The 24-bit integers r >> 8 behind uniform_from_index() (uniform = (r >> 8) * 2**-24) for flat
-// indices first, first+1, ..., first+15 (mod 2**32).
-LOMO_AVX512 inline __m512i v_uniform24(uint64_t first, __m512i seed_hash) {
-  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i index = _mm512_add_epi32(v_u32(static_cast<uint32_t>(first)), lanes);
-  return _mm512_srli_epi32(v_mix32(_mm512_xor_si512(index, seed_hash)), 8);
-}
-
-// round_stochastic<bf16>() without its division. For finite v that is not a bf16 value, the
-// neighbours are lo = v truncated to bf16 (its upper 16 bits) and hi = lo + 1 (one step up in
-// magnitude), and (|v| - lo)/(hi - lo) is exactly (low 16 bits of v) * 2**-16 (both differences are
-// exact, and the spacing is a power of two); so `uniform < p` is the integer test
-// (r >> 8) < (low16 << 8) on the 24-bit uniform r >> 8. A representable v has low16 == 0 (never up).
-// Non-finite v, and v whose upper neighbour would be infinite (lo = 0x7f7f), take the nearest
-// rounding, as the scalar code does.
-LOMO_AVX512 inline __m512i v_bf16_stochastic(__m512 v, __m512i uniform24) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i magnitude = _mm512_and_si512(bits, v_u32(0x7fffffffu));
-  const __m512i trunc = _mm512_srli_epi32(bits, 16);
-  const __mmask16 up = _mm512_cmplt_epu32_mask(uniform24, _mm512_slli_epi32(_mm512_and_si512(bits, v_u32(0xffffu)), 8));
-  const __m512i rounded = _mm512_mask_add_epi32(trunc, up, trunc, v_u32(1u));
-  const __mmask16 keep_near = static_cast<__mmask16>(~v_is_finite(v)) |
-                              _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(magnitude, 16), v_u32(0x7f7fu));
-  return _mm512_mask_mov_epi32(rounded, keep_near, v_bf16_nearest(v));
-}
-
-LOMO_AVX512 inline int v_bad_count(__mmask16 ok) {
-  return __builtin_popcount(static_cast<unsigned>(static_cast<__mmask16>(~ok)));
-}
-
-// bf16 results (low halves of 32-bit lanes) that are finite: exponent bits not all ones.
-LOMO_AVX512 inline __mmask16 v_bf16_finite(__m512i out) {
-  return _mm512_cmpneq_epi32_mask(_mm512_and_si512(out, v_u32(0x7f80u)), v_u32(0x7f80u));
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+constexpr int N = 8;
+inline __m256 fma_v(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+inline __m256 sqrt_v(__m256 a) { return _mm256_sqrt_ps(a); }
+inline __m256d widen_v(__m128 a) { return _mm256_cvtps_pd(a); }
+#include "simd_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
 
 #pragma GCC diagnostic pop
-#endif  // x86-64
+#endif  // LOMO_HAVE_SIMD
+
+// Calls fn(kernels) with the Kernels of simd_level()'s ISA and returns true; false, calling nothing,
+// on the scalar path.
+template <class Fn>
+inline bool vectorized(Fn&& fn) {
+#ifdef LOMO_HAVE_SIMD
+  switch (simd_level()) {
+    case Simd::avx512:
+      fn(avx512::Kernels{});
+      return true;
+    case Simd::avx2:
+      fn(avx2::Kernels{});
+      return true;
+    case Simd::scalar:
+      break;
+  }
+#endif
+  (void)fn;
+  return false;
+}
 
 // ---- block GEMMs from the activations' own dtype ------------------------------------------------
 //

@@ -22,155 +22,9 @@
 namespace lomo {
 namespace {
 
-#ifdef LOMO_HAVE_AVX512_PATH
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-
-// w[i] <- rule(w[i], g[i]) for i < count, W float or bf16, g fp32, with update_element's non-finite
-// guard (a lane whose rounded result is not finite keeps its old bits). Returns the guarded lanes.
-template <class W>
-LOMO_AVX512 int64_t update_span_avx512(W* w, const float* g, int64_t count, int64_t flat0, const Rule& scalar_rule) {
-  const VRule rule = v_rule(scalar_rule);
-  int64_t i = 0, bad = 0;
-  if constexpr (std::is_same_v<W, float>) {
-    for (; i + 16 <= count; i += 16) {
-      const __m512 v = v_updated_value(_mm512_loadu_ps(w + i), _mm512_loadu_ps(g + i), rule);
-      const __mmask16 ok = v_is_finite(v);
-      _mm512_mask_storeu_ps(w + i, ok, v);
-      bad += v_bad_count(ok);
-    }
-  } else if (rule.stochastic) {
-    for (; i + 16 <= count; i += 16) {
-      const __m512i wbits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
-      const __m512 v = v_updated_value(v_bf16_to_f32(wbits), _mm512_loadu_ps(g + i), rule);
-      const __m512i out = v_bf16_stochastic(v, v_uniform24(static_cast<uint64_t>(flat0 + i), rule.seed_hash));
-      const __mmask16 ok = v_bf16_finite(out);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(wbits, ok, out)));
-      bad += v_bad_count(ok);
-    }
-  } else {
-    for (; i + 16 <= count; i += 16) {
-      const __m512i wbits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
-      const __m512 v = v_updated_value(v_bf16_to_f32(wbits), _mm512_loadu_ps(g + i), rule);
-      const __m512i out = v_bf16_nearest(v);
-      const __mmask16 ok = v_bf16_finite(out);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(wbits, ok, out)));
-      bad += v_bad_count(ok);
-    }
-  }
-  for (; i < count; ++i) bad += update_element(w + i, g[i], static_cast<uint64_t>(flat0 + i), scalar_rule);
-  return bad;
-}
-
-// Lanes 0-7 / 8-15 of v widened to double (masked forms: no undefined-register temporaries).
-LOMO_AVX512 inline __m512d v_low_pd(__m512 v) { return _mm512_maskz_cvtps_pd(0xff, _mm512_castps512_ps256(v)); }
-LOMO_AVX512 inline __m512d v_high_pd(__m512 v) {
-  return _mm512_maskz_cvtps_pd(0xff, _mm512_castps512_ps256(_mm512_maskz_shuffle_f32x4(0xffff, v, v, 0xee)));
-}
-
-LOMO_AVX512 inline double v_sum_pd(__m512d v) {
-  double lanes[8];
-  _mm512_storeu_pd(lanes, v);
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-
-LOMO_AVX512 void norm_sums_avx512(const float* g, int64_t count, float inv_loss_scale, double* square,
-                                  int64_t* nonfinite) {
-  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
-  int64_t bad = 0;
-  const __m512 inv = _mm512_set1_ps(inv_loss_scale);
-  int64_t i = 0;
-  for (; i + 16 <= count; i += 16) {
-    const __m512 u = _mm512_mul_ps(_mm512_loadu_ps(g + i), inv);
-    const __m512 sq = _mm512_mul_ps(u, u);
-    acc0 = _mm512_add_pd(acc0, v_low_pd(sq));
-    acc1 = _mm512_add_pd(acc1, v_high_pd(sq));
-    bad += __builtin_popcount(static_cast<unsigned>(static_cast<__mmask16>(~v_is_finite(u))));
-  }
-  double s = v_sum_pd(_mm512_add_pd(acc0, acc1));
-  for (; i < count; ++i) {
-    const NormTerm term = norm_term(g[i], inv_loss_scale);
-    s += term.square;
-    bad += term.nonfinite;
-  }
-  *square = s;
-  *nonfinite = bad;
-}
-
-// Σ_s<n a[s]*b[s], products rounded to fp32, summed in double.
-LOMO_AVX512 double dot_avx512(const float* a, const float* b, int64_t n) {
-  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i));
-    acc0 = _mm512_add_pd(acc0, v_low_pd(p));
-    acc1 = _mm512_add_pd(acc1, v_high_pd(p));
-  }
-  double s = v_sum_pd(_mm512_add_pd(acc0, acc1));
-  for (; i < n; ++i) s += static_cast<double>(a[i] * b[i]);
-  return s;
-}
-// One row of AdaLomo's sums pass: returns Σ_j u², adds u_j² to cols[j] (double), and the norm terms
-// of u0 = g*inv (before clipping) to *square / *bad; u = clamp_nan(u0, ±bound).
-LOMO_AVX512 double sq_sums_row_avx512(const float* g, int64_t n, float inv, float bound, double* cols, double* square,
-                                      int64_t* bad) {
-  const __m512 vinv = _mm512_set1_ps(inv), vb = _mm512_set1_ps(bound), vnb = _mm512_set1_ps(-bound);
-  __m512d row0 = _mm512_setzero_pd(), row1 = _mm512_setzero_pd(), sq0 = _mm512_setzero_pd(), sq1 = _mm512_setzero_pd();
-  int64_t nonfinite = 0;
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 u0 = _mm512_mul_ps(_mm512_loadu_ps(g + j), vinv);
-    const __m512 s0 = _mm512_mul_ps(u0, u0);
-    sq0 = _mm512_add_pd(sq0, v_low_pd(s0));
-    sq1 = _mm512_add_pd(sq1, v_high_pd(s0));
-    nonfinite += __builtin_popcount(static_cast<unsigned>(static_cast<__mmask16>(~v_is_finite(u0))));
-    const __m512 lower = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u0, vnb, _CMP_LT_OQ), u0, vnb);
-    const __m512 u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(vb, lower, _CMP_LT_OQ), lower, vb);
-    const __m512 su = _mm512_mul_ps(u, u);
-    const __m512d lo = v_low_pd(su), hi = v_high_pd(su);
-    row0 = _mm512_add_pd(row0, lo);
-    row1 = _mm512_add_pd(row1, hi);
-    _mm512_storeu_pd(cols + j, _mm512_add_pd(_mm512_loadu_pd(cols + j), lo));
-    _mm512_storeu_pd(cols + j + 8, _mm512_add_pd(_mm512_loadu_pd(cols + j + 8), hi));
-  }
-  double row = v_sum_pd(_mm512_add_pd(row0, row1)), sq = v_sum_pd(_mm512_add_pd(sq0, sq1));
-  for (; j < n; ++j) {
-    const float u0 = mul_rn(g[j], inv);
-    sq += static_cast<double>(mul_rn(u0, u0));
-    nonfinite += !is_finite(u0);
-    const float u = clamp_nan(u0, bound);
-    const float su = mul_rn(u, u);
-    row += su;
-    cols[j] += su;
-  }
-  *square += sq;
-  *bad += nonfinite;
-  return row;
-}
-
-// g_j <- (clamp_nan(g_j*inv, ±bound) * rscale) * col_scale_j for one row.
-LOMO_AVX512 void scale_row_avx512(float* g, int64_t n, float inv, float bound, float rscale, const float* col_scale) {
-  const __m512 vinv = _mm512_set1_ps(inv), vb = _mm512_set1_ps(bound), vnb = _mm512_set1_ps(-bound);
-  const __m512 vr = _mm512_set1_ps(rscale);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 u0 = _mm512_mul_ps(_mm512_loadu_ps(g + j), vinv);
-    const __m512 lower = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u0, vnb, _CMP_LT_OQ), u0, vnb);
-    const __m512 u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(vb, lower, _CMP_LT_OQ), lower, vb);
-    _mm512_storeu_ps(g + j, _mm512_mul_ps(_mm512_mul_ps(u, vr), _mm512_loadu_ps(col_scale + j)));
-  }
-  for (; j < n; ++j) g[j] = mul_rn(mul_rn(clamp_nan(mul_rn(g[j], inv), bound), rscale), col_scale[j]);
-}
-
-#pragma GCC diagnostic pop
-#endif  // x86-64
-
 double dot_f32(const float* a, const float* b, int64_t n) {
-#ifdef LOMO_HAVE_AVX512_PATH
-  if (simd_enabled()) return dot_avx512(a, b, n);
-#endif
   double s = 0.0;
+  if (vectorized([&](auto k) { s = k.dot(a, b, n); })) return s;
   for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i] * b[i]);
   return s;
 }
@@ -179,63 +33,43 @@ double dot_f32(const float* a, const float* b, int64_t n) {
 // many elements the non-finite guard kept (update_element).
 template <class W, class G>
 int64_t update_span(W* w, const G* g, int64_t count, int64_t flat0, const Rule& rule) {
-  constexpr bool vectorizable = std::is_same_v<G, float> && !std::is_same_v<W, fp16>;
-  const bool simd = vectorizable && simd_enabled();
   const int64_t chunks = (count + kChunk - 1) / kChunk;
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) reduction(+ : bad) if (count > kParallelGrain)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t begin = c * kChunk, n = std::min(kChunk, count - begin);
-#ifdef LOMO_HAVE_AVX512_PATH
-    if constexpr (vectorizable) {
-      if (simd) {
-        bad += update_span_avx512(w + begin, g + begin, n, flat0 + begin, rule);
-        continue;
-      }
+    if constexpr (std::is_same_v<G, float> && !std::is_same_v<W, fp16>) {
+      if (vectorized([&](auto k) { bad += k.update_span(w + begin, g + begin, n, flat0 + begin, rule); })) continue;
     }
-#endif
     for (int64_t i = begin; i < begin + n; ++i) {
       bad += update_element(w + i, to_float(g[i]), static_cast<uint64_t>(flat0 + i), rule);
     }
   }
-  (void)simd;
   return bad;
 }
 
-
-struct NormSums {
-  double square = 0.0;
-  int64_t nonfinite = 0;
-};
-
 template <class G>
 NormSums norm_sums(const G* g, int64_t count, float inv_loss_scale) {
-  const bool simd = std::is_same_v<G, float> && simd_enabled();
   const int64_t chunks = (count + kChunk - 1) / kChunk;
   double square = 0.0;
   int64_t nonfinite = 0;
 #pragma omp parallel for schedule(static) reduction(+ : square, nonfinite) if (count > kParallelGrain)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t begin = c * kChunk, n = std::min(kChunk, count - begin);
-#ifdef LOMO_HAVE_AVX512_PATH
     if constexpr (std::is_same_v<G, float>) {
-      if (simd) {
-        double s;
-        int64_t bad;
-        norm_sums_avx512(g + begin, n, inv_loss_scale, &s, &bad);
-        square += s;
-        nonfinite += bad;
+      NormSums sums;
+      if (vectorized([&](auto k) { sums = k.norm_sums(g + begin, n, inv_loss_scale); })) {
+        square += sums.square;
+        nonfinite += sums.nonfinite;
         continue;
       }
     }
-#endif
     for (int64_t i = begin; i < begin + n; ++i) {
       const NormTerm term = norm_term(to_float(g[i]), inv_loss_scale);
       square += term.square;
       nonfinite += term.nonfinite;
     }
   }
-  (void)simd;
   return NormSums{square, nonfinite};
 }
 
@@ -384,18 +218,17 @@ void adalomo_sq_sums(const at::Tensor& row_sums, const at::Tensor& col_sums, con
   float* rs = row_sums.data_ptr<float>();
   NormSums norm;
   for_each_gradient_block(x, grad_out, [&](int64_t r0, int64_t rows, const float* g) {
-    const bool simd = simd_enabled();
     for (int64_t r = 0; r < rows; ++r) {
       const float* gr = g + r * in_f;
       double row = 0.0, square = 0.0;
       int64_t bad = 0;
-#ifdef LOMO_HAVE_AVX512_PATH
+      const bool simd = vectorized([&](auto k) {
+        row = k.sq_sums_row(gr, in_f, inv, bound, cols.data(), &norm.square, &norm.nonfinite);
+      });
       if (simd) {
-        rs[r0 + r] += static_cast<float>(sq_sums_row_avx512(gr, in_f, inv, bound, cols.data(), &norm.square,
-                                                            &norm.nonfinite));
+        rs[r0 + r] += static_cast<float>(row);
         continue;
       }
-#endif
       for (int64_t j = 0; j < in_f; ++j) {
         const float u0 = mul_rn(gr[j], inv);
         const float sq0 = mul_rn(u0, u0);
@@ -410,7 +243,6 @@ void adalomo_sq_sums(const at::Tensor& row_sums, const at::Tensor& col_sums, con
       norm.square += square;
       norm.nonfinite += bad;
     }
-    (void)simd;
   });
   float* cs = col_sums.data_ptr<float>();
   for (int64_t j = 0; j < in_f; ++j) cs[j] += static_cast<float>(cols[static_cast<size_t>(j)]);
@@ -420,22 +252,15 @@ void adalomo_sq_sums(const at::Tensor& row_sums, const at::Tensor& col_sums, con
 // u_ij <- (u_ij * row_scale_i) * col_scale_j in place on a block (rows r0.. of G), u clamped first.
 void scale_block(float* g, int64_t r0, int64_t rows, int64_t in_f, const float* row_scale, const float* col_scale,
                  float inv, float bound) {
-  const bool simd = simd_enabled();
 #pragma omp parallel for schedule(static) if (rows * in_f > kParallelGrain)
   for (int64_t r = 0; r < rows; ++r) {
     float* gr = g + r * in_f;
     const float rscale = row_scale[r0 + r];
-#ifdef LOMO_HAVE_AVX512_PATH
-    if (simd) {
-      scale_row_avx512(gr, in_f, inv, bound, rscale, col_scale);
-      continue;
-    }
-#endif
+    if (vectorized([&](auto k) { k.scale_row(gr, in_f, inv, bound, rscale, col_scale); })) continue;
     for (int64_t j = 0; j < in_f; ++j) {
       gr[j] = mul_rn(mul_rn(clamp_nan(mul_rn(gr[j], inv), bound), rscale), col_scale[j]);
     }
   }
-  (void)simd;
 }
 
 void adalomo_scaled_sqnorm(const at::Tensor& stats, const at::Tensor& x, const at::Tensor& grad_out,
