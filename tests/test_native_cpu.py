@@ -399,9 +399,12 @@ def test_compiled_op_rejects_bad_shapes_before_writing():
 # The cpu backend computes its block GEMMs from bf16/fp16 activations directly: MKL's 16-bit GEMMs
 # with fp32 output where torch's MKL has them ("mkl"), else per token chunk converted to fp32
 # scratch ("convert"); LOMO_CPU_LOWP_GEMM forces one. Its epilogues run 16 lanes at a time where the
-# CPU has AVX-512 (LOMO_CPU_SIMD=0 forces the scalar lomo_math.h loop); both must give the same bits.
+# CPU has AVX-512, 8 where it has AVX2 + FMA (LOMO_CPU_SIMD=avx2 caps at AVX2, LOMO_CPU_SIMD=0 forces the
+# scalar lomo_math.h loop); all must give the same bits.
 
 GEMM_MODES = ["mkl", "convert"]
+SIMD = [pytest.param("1", id="widest"), pytest.param("avx2", id="avx2"), pytest.param("0", id="scalar")]
+SIMD_MODES = ("1", "avx2", "0")
 ODD_LINEAR_SHAPES = [  # fresh odd shapes: partial SIMD vectors, several row blocks, several token chunks
     pytest.param((7, 3), 37, 129, id="21x37x129"),
     pytest.param((1,), 300, 1031, id="1-token-2-row-blocks"),
@@ -441,8 +444,9 @@ def test_linear_update_16bit_gemm(tokens, out_f, in_f, w_dtype, rounding, act_dt
 @pytest.mark.parametrize("w_dtype, rounding", WEIGHT_ROUNDINGS)
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
 def test_simd_epilogue_is_bitwise_the_scalar_one(w_dtype, rounding, act_dtype, monkeypatch):
-    """Same GEMM, so the same fp32 gradient: the AVX-512 and the scalar epilogue agree bit for bit,
-    special values (inf/nan activations, a weight at the format's largest value) included."""
+    """Same GEMM, so the same fp32 gradient: the AVX-512, AVX2 and scalar epilogues agree bit for bit,
+    special values (inf/nan activations, a weight at the format's largest value) and the count of
+    guarded elements included."""
     torch.manual_seed(16)
     w = (torch.randn(83, 77) * 3).to(w_dtype)
     w[0, :3] = torch.tensor([float("inf"), float("nan"), torch.finfo(w_dtype).max])
@@ -451,28 +455,63 @@ def test_simd_epilogue_is_bitwise_the_scalar_one(w_dtype, rounding, act_dtype, m
     x[4, 10] = float("nan")
     dy[2, 50] = float("inf")
     results = {}
-    for simd in ("1", "0"):
+    for simd in SIMD_MODES:
         monkeypatch.setenv("LOMO_CPU_SIMD", simd)
         for clip in (None, 0.25):
-            out = w.clone()
+            out, count = w.clone(), torch.zeros(1, dtype=torch.int64)
             lk.linear_update_(out, x, dy, lr=0.03, weight_decay=0.2, coef=0.9, loss_scale=8.0, clip_value=clip,
-                              rounding=rounding, seed=77, backend="cpu")
-            results[simd, clip] = out
+                              rounding=rounding, seed=77, backend="cpu", nonfinite=count)
+            results[simd, clip] = out, int(count)
     for clip in (None, 0.25):
-        assert_bitwise(results["1", clip], results["0", clip])
+        assert results["0", clip][1] > 0
+        for simd in SIMD_MODES:
+            assert_bitwise(results[simd, clip][0], results["0", clip][0])
+            assert results[simd, clip][1] == results["0", clip][1]
 
 
-@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16], ids=["fp32-g", "bf16-g"])
-def test_dense_update_bitwise_both_epilogues(g_dtype, simd, monkeypatch):
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_dense_update_bitwise_every_epilogue(p_dtype, g_dtype, simd, monkeypatch):
+    """4099 elements: a tail after the last 8 or 16 lanes; the NaN gradient stays NaN through the
+    clipping and its element is guarded (counted, old bits kept), the infinite ones are clipped."""
     monkeypatch.setenv("LOMO_CPU_SIMD", simd)
     options = dict(lr=0.02, weight_decay=0.05, coef=1.3, loss_scale=4.0, clip_value=1.5, seed=31337)
-    p = (torch.randn(4099) * 2).to(torch.bfloat16)
+    p = (torch.randn(4099) * 2).to(p_dtype)
     g = (torch.randn(4099) * 9).to(g_dtype)
     g[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(g_dtype)
     for rounding in ("nearest", "stochastic"):
-        result, reference = _run("cpu", lk.dense_update_, p, g, rounding=rounding, **options)
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+        result, reference = p.clone(), p.clone()
+        lk.dense_update_(result, g, rounding=rounding, backend="cpu", nonfinite=counts[0], **options)
+        lk.dense_update_(reference, g, rounding=rounding, backend="torch", nonfinite=counts[1], **options)
         assert_bitwise(result, reference)
+        assert int(counts[0]) == int(counts[1]) >= 1
+
+
+@pytest.mark.parametrize("poison", [None, float("inf"), float("nan")], ids=["finite", "inf", "nan"])
+def test_norm_sums_at_every_simd_width(poison, monkeypatch):
+    """The norm passes' sums in double: the vector code keeps 16 partial sums at either width, so
+    AVX-512 and AVX2 agree bit for bit; the scalar loop sums in order (equal within rounding). Non-finite
+    counts are exact everywhere. Sizes leave tails after the last 16 elements."""
+    torch.manual_seed(5)
+    x, dy, grad = torch.randn(45, 77), torch.randn(45, 83), torch.randn(4099) * 3  # ghost: dots of up to 44
+    if poison is not None:
+        x[3, 5], grad[7] = poison, poison
+    results = {}
+    for simd in SIMD_MODES:
+        monkeypatch.setenv("LOMO_CPU_SIMD", simd)
+        stats = [torch.zeros(2) for _ in range(3)]
+        lk.dense_grad_sqnorm_(stats[0], torch.empty(4099), grad, loss_scale=2.0, backend="cpu")
+        for s, method in zip(stats[1:], ("gemm", "ghost")):
+            lk.linear_grad_sqnorm_(s, torch.empty(83, 77), x, dy, loss_scale=2.0, method=method, backend="cpu")
+        results[simd] = torch.stack(stats)
+    assert_bitwise(results["1"], results["avx2"])
+    assert torch.equal(results["avx2"][:, 1], results["0"][:, 1])
+    if poison is None:
+        assert torch.allclose(results["avx2"], results["0"], rtol=1e-6, atol=0)
+    else:
+        assert bool((results["0"][:, 1] >= 1).all()) and not bool(results["avx2"][:, 0].isfinite().any())
 
 
 @pytest.mark.parametrize("mode", GEMM_MODES)
@@ -524,8 +563,8 @@ def test_bf16_linear_update_scratch_is_one_block(mode, monkeypatch):
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
 def test_bf16_rounding_of_arbitrary_fp32_bits(rounding, monkeypatch):
     """Rounding every class of fp32 value into bf16 (random bit patterns: subnormals, binade edges,
-    values next to the largest bf16 and to infinity, inf, nan): the AVX-512 epilogue (division-free
-    stochastic rounding), the scalar one and the torch reference agree bit for bit. The update
+    values next to the largest bf16 and to infinity, inf, nan): the vector epilogues (division-free
+    stochastic rounding; AVX-512 and AVX2), the scalar one and the torch reference agree bit for bit. The update
     0 - 1·(-v) is v exactly, so each element rounds v itself."""
     g = torch.Generator().manual_seed(2026)
     bits = torch.randint(-2**31, 2**31 - 1, (20011,), generator=g, dtype=torch.int64).to(torch.int32)
@@ -535,16 +574,38 @@ def test_bf16_rounding_of_arbitrary_fp32_bits(rounding, monkeypatch):
     v[:edges.numel()] = edges.view(torch.float32)
     v[edges.numel():2 * edges.numel()] = -edges.view(torch.float32)
     w = torch.zeros(v.numel(), dtype=torch.bfloat16)
-    out = {}
-    for simd in ("1", "0"):
+    reference = w.clone()
+    lk.dense_update_(reference, -v, lr=1.0, rounding=rounding, seed=99, backend="torch")
+    for simd in SIMD_MODES:
         monkeypatch.setenv("LOMO_CPU_SIMD", simd)
         p = w.clone()
         lk.dense_update_(p, -v, lr=1.0, rounding=rounding, seed=99, backend="cpu")
-        out[simd] = p
+        assert_bitwise(p, reference)
+
+
+def test_bf16_stochastic_rounding_where_the_uniform_equals_p(monkeypatch):
+    """The edge of the vector epilogues' integer test (r >> 8) < (low16 << 8): elements built so that
+    their uniform equals p = (|v| - lo)/(hi - lo) exactly round down (the scalar `uniform < p` fails)
+    in every epilogue, as in the reference. Random inputs meet this case once in 2**24 elements."""
+    from lomo_kernels.ops._common import mix32, mix32_int
+    seed, n = 99, 1 << 15
+    g = torch.Generator().manual_seed(7)
+    r24 = mix32(torch.arange(n) ^ mix32_int(seed)) >> 8  # the uniforms of the flat indices, times 2**24
+    edge = (r24 & 0xFF) == 0  # p = low16 * 2**-16 can equal r24 * 2**-24 only here
+    low16 = torch.where(edge, r24 >> 8, torch.randint(0, 1 << 16, (n,), generator=g))
+    upper = (0x3F80 + torch.randint(0, 0x100, (n,), generator=g)) | (torch.randint(0, 2, (n,), generator=g) << 15)
+    bits = (upper << 16) | low16
+    v = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    w = torch.zeros(n, dtype=torch.bfloat16)
     reference = w.clone()
-    lk.dense_update_(reference, -v, lr=1.0, rounding=rounding, seed=99, backend="torch")
-    assert_bitwise(out["1"], out["0"])
-    assert_bitwise(out["1"], reference)
+    lk.dense_update_(reference, -v, lr=1.0, rounding="stochastic", seed=seed, backend="torch")
+    truncated = torch.where(upper >= 2**15, upper - 2**16, upper).to(torch.int16)
+    assert int(edge.sum()) > 50 and torch.equal(reference.view(torch.int16)[edge], truncated[edge])
+    for simd in SIMD_MODES:
+        monkeypatch.setenv("LOMO_CPU_SIMD", simd)
+        p = w.clone()
+        lk.dense_update_(p, -v, lr=1.0, rounding="stochastic", seed=seed, backend="cpu")
+        assert_bitwise(p, reference)
 
 
 def test_cpu_speed_bench_quick(tmp_path):

@@ -106,6 +106,8 @@ def test_embedding_row_gradients_sum_duplicates_and_skip_padding():
 _CPU = pytest.mark.skipif(not __import__("lomo_kernels").available_backends()["cpu"].available,
                           reason="compiled backend not built")
 ODD = [((9, 7), 131, 67), ((1,), 300, 1031), ((400,), 29, 41)]  # several row blocks; tokens >> features
+# LOMO_CPU_SIMD: the widest vector epilogue the CPU has, AVX2 at most, the scalar loop.
+SIMD = [pytest.param("1", id="widest"), pytest.param("avx2", id="avx2"), pytest.param("0", id="scalar")]
 
 
 def _operands(tokens, in_f, out_f, act_dtype):
@@ -117,10 +119,10 @@ def _operands(tokens, in_f, out_f, act_dtype):
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
 @pytest.mark.parametrize("clip_value", [None, 0.05])
 @pytest.mark.parametrize("tokens,in_f,out_f", ODD)
-@pytest.mark.parametrize("simd", ["1", "0"], ids=["avx512", "scalar"])
+@pytest.mark.parametrize("simd", SIMD)
 def test_compiled_sq_sums_with_norm_terms(tokens, in_f, out_f, clip_value, act_dtype, simd, monkeypatch):
     """Row/column sums within 1e-5 of float64, and ``stats`` equal to the norm pass's terms (unclipped);
-    both epilogues (LOMO_CPU_SIMD=0: the scalar one)."""
+    every epilogue."""
     monkeypatch.setenv("LOMO_CPU_SIMD", simd)
     w, x, dy = _operands(tokens, in_f, out_f, act_dtype)
     g = clipped_gradient(x, dy, 4.0, clip_value)
@@ -165,10 +167,10 @@ def test_compiled_scaled_sqnorm(tokens, in_f, out_f, clip_value, act_dtype):
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
 @pytest.mark.parametrize("clip_value", [None, 0.05])
 @pytest.mark.parametrize("tokens,in_f,out_f", ODD)
-@pytest.mark.parametrize("simd", ["1", "0"], ids=["avx512", "scalar"])
+@pytest.mark.parametrize("simd", SIMD)
 def test_compiled_linear_update(tokens, in_f, out_f, clip_value, act_dtype, w_dtype, rounding, simd, monkeypatch):
     """fp32 weights within 1e-5 (of the largest term) of float64; bf16 weights within one bf16 ulp
-    (nearest) or on one of the two neighbours (stochastic) of the float64 update; both epilogues."""
+    (nearest) or on one of the two neighbours (stochastic) of the float64 update; every epilogue."""
     monkeypatch.setenv("LOMO_CPU_SIMD", simd)
     w, x, dy = _operands(tokens, in_f, out_f, act_dtype)
     w = w.to(w_dtype)
@@ -183,3 +185,45 @@ def test_compiled_linear_update(tokens, in_f, out_f, clip_value, act_dtype, w_dt
     else:
         ulp = expected.abs().clamp_min(1e-30) * 2.0 ** -7
         assert ((w.double() - expected).abs() <= ulp + 1e-6 * expected.abs().max()).all()
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@_CPU
+@pytest.mark.parametrize("w_dtype,rounding", [(torch.float32, "nearest"), (torch.bfloat16, "stochastic")])
+@pytest.mark.parametrize("tokens,in_f,out_f", ODD)
+def test_compiled_passes_agree_at_every_simd_width(tokens, in_f, out_f, w_dtype, rounding, monkeypatch):
+    """The same passes under every LOMO_CPU_SIMD. Element-wise results (the updated weight, the column
+    sums: each sums over rows in row order) and non-finite counts are bitwise the scalar loop's; the
+    row and norm sums in double are bitwise the same at both vector widths (16 partial sums at
+    either) and within rounding of the scalar loop's in-order sums. An infinite activation makes a
+    column of G infinite (clipped, but counted by the norm terms); a NaN one a column of NaN, which
+    the update's guard keeps and counts."""
+    w, x, dy = _operands(tokens, in_f, out_f, torch.float32)
+    w = w.to(w_dtype)
+    x_inf, x_nan = x.clone(), x.clone()
+    x_inf.view(-1, in_f)[0, 3], x_nan.view(-1, in_f)[0, 3] = math.inf, math.nan  # one entry of one token
+    r, c = torch.rand(out_f) + 0.5, torch.rand(in_f) + 0.5
+    out = {}
+    for simd in ("1", "avx2", "0"):
+        monkeypatch.setenv("LOMO_CPU_SIMD", simd)
+        rows, cols, stats = torch.ones(out_f), torch.ones(in_f), torch.zeros(4)
+        A.adalomo_sq_sums_(rows, cols, w, x_inf, dy, loss_scale=2.0, clip_value=0.05, method="gemm",
+                           stats=stats[:2], backend="cpu")
+        A.adalomo_scaled_sqnorm_(stats[2:], w, x, dy, r, c, loss_scale=2.0, clip_value=0.05, backend="cpu")
+        updated, count = w.clone(), torch.zeros(1, dtype=torch.int64)
+        A.adalomo_linear_update_(updated, x_nan, dy, r, c, lr=0.1, weight_decay=0.3, coef=0.7, loss_scale=2.0,
+                                 clip_value=0.05, rounding=rounding, seed=5, backend="cpu", nonfinite=count)
+        out[simd] = dict(rows=rows, cols=cols, stats=stats, updated=updated, count=int(count))
+    assert out["0"]["count"] == out_f and out["0"]["stats"][1] == out_f
+    for simd in ("1", "avx2"):
+        assert torch.equal(_bits(out[simd]["updated"]), _bits(out["0"]["updated"]))
+        assert torch.equal(_bits(out[simd]["cols"]), _bits(out["0"]["cols"]))
+        assert out[simd]["count"] == out["0"]["count"]
+        assert torch.equal(out[simd]["stats"][1::2], out["0"]["stats"][1::2])
+    for key in ("rows", "stats"):
+        assert torch.equal(_bits(out["1"][key]), _bits(out["avx2"][key]))
+    assert_close(out["avx2"]["rows"], out["0"]["rows"].double(), rtol=1e-6)
+    assert out["avx2"]["stats"][2].item() == pytest.approx(out["0"]["stats"][2].item(), rel=1e-6)
