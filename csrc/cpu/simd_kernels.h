@@ -159,7 +159,7 @@ inline u32 lane_indices() {
 
 // Sums in double over groups of 16 elements: 16 partial sums, lane k taking the elements ≡ k (mod 16),
 // folded as ((s0+s8) + (s1+s9)) + ((s2+s10) + (s3+s11)) + ... . 32/N registers of N/2 doubles hold
-// them, so the sums are the same at every width (and the AVX-512 code's before this file).
+// them, so the sums are the same at every width.
 struct Sums16 {
   static constexpr int kParts = 32 / N;
   f64h part[kParts] = {};
