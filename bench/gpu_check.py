@@ -217,7 +217,7 @@ def build_fallback() -> None:
     cuda = bool(archs) and shutil.which("nvcc") is not None
     if cuda and ext.CUDA_HOME is None:  # torch finds the toolkit only when it is a CUDA build itself
         ext.CUDA_HOME = _cuda_home()
-    sources = ["csrc/module.cpp", "csrc/ops_schema.cpp", "csrc/ops_cpu.cpp"]
+    sources = ["csrc/module.cpp", "csrc/ops_schema.cpp"] + sorted(f"csrc/cpu/{p.name}" for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     cxx = ["-O3", "-ffp-contract=off", "-fopenmp", "-DLOMO_WITH_OPENMP"]  # torch picks the C++ standard
     kwargs = dict(include_dirs=[str(ROOT / "csrc")], extra_link_args=["-fopenmp"])
     if cuda:

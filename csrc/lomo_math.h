@@ -265,17 +265,29 @@ struct AdamRule {
 //   m = lerp(m, g, w1) = w1 < 0.5 ? fma(w1, g-m, m) : fma(w1-1, g-m, g)
 //   v = fma((1-β2)·g, g, v·β2)
 //   w = w·decay + (-step·m) / (√v / denom_div + eps)
+// √v is torch's sqrt on the device: IEEE (correctly rounded) on CUDA, as here; the CPU build computes
+// v first (adam_second_moment), takes at::sqrt of a span of them (on CPU that is MKL's vector sqrt,
+// not correctly rounded for ~20% of inputs) and passes each root in.
 struct AdamValues {
   float w, m, v;
 };
 
-LOMO_HD AdamValues adam_values(float w, float m, float v, float g_raw, const AdamRule& r) {
-  const float g = mul_rn(clamp_nan(mul_rn(g_raw, r.inv_loss_scale), r.clip_value), r.coef);
+LOMO_HD float adam_gradient(float g_raw, const AdamRule& r) {
+  return mul_rn(clamp_nan(mul_rn(g_raw, r.inv_loss_scale), r.clip_value), r.coef);
+}
+
+LOMO_HD float adam_second_moment(float v, float g, const AdamRule& r) {
+  return fma_rn(mul_rn(r.one_minus_beta2, g), g, mul_rn(v, r.beta2));
+}
+
+// `root` is √v1 as the caller's torch computes it.
+LOMO_HD AdamValues adam_values(float w, float m, float v, float g_raw, float root, const AdamRule& r) {
+  const float g = adam_gradient(g_raw, r);
   const float diff = sub_rn(g, m);
   const bool small = abs_f(r.lerp_weight) < 0.5f;
   const float m1 = small ? fma_rn(r.lerp_weight, diff, m) : fma_rn(sub_rn(r.lerp_weight, 1.0f), diff, g);
-  const float v1 = fma_rn(mul_rn(r.one_minus_beta2, g), g, mul_rn(v, r.beta2));
-  float denom = sqrt_rn(v1);
+  const float v1 = adam_second_moment(v, g, r);
+  float denom = root;
   if (r.denom_div != 1.0f) denom = div_rn(denom, r.denom_div);
   denom = add_rn(denom, r.eps);
   const float w1 = add_rn(mul_rn(w, r.decay), div_rn(mul_rn(r.neg_step, m1), denom));
@@ -290,12 +302,13 @@ LOMO_HD T rounded_as(float v, uint64_t flat_index, bool stochastic, uint32_t see
   return stochastic ? round_stochastic<T>(v, uniform_from_index(flat_index, seed_hash)) : round_nearest(v, T{});
 }
 
-// One AdamW element in place: weight W (fp32/bf16/fp16), moments S (fp32/bf16), fp32 gradient entry.
+// One AdamW element in place: weight W (fp32/bf16/fp16), moments S (fp32/bf16), fp32 gradient entry,
+// `root` = √(the new v) as torch computes it (see adam_values).
 // The non-finite guard: when the new w, m or v, rounded into its dtype, is not finite, all three keep
 // their old bits and the function returns true (the caller counts the element); else false.
 template <class W, class S>
-LOMO_HD bool adam_element(W* w, S* m, S* v, float g, uint64_t flat_index, const AdamRule& r) {
-  const AdamValues nv = adam_values(to_float(*w), to_float(*m), to_float(*v), g, r);
+LOMO_HD bool adam_element(W* w, S* m, S* v, float g, float root, uint64_t flat_index, const AdamRule& r) {
+  const AdamValues nv = adam_values(to_float(*w), to_float(*m), to_float(*v), g, root, r);
   const W w_out = rounded_as(nv.w, flat_index, r.stochastic, r.seed_hash_w, W{});
   const S m_out = rounded_as(nv.m, flat_index, r.state_stochastic, r.seed_hash_m, S{});
   const S v_out = rounded_as(nv.v, flat_index, r.state_stochastic, r.seed_hash_v, S{});
@@ -304,6 +317,13 @@ LOMO_HD bool adam_element(W* w, S* m, S* v, float g, uint64_t flat_index, const 
   *m = m_out;
   *v = v_out;
   return false;
+}
+
+// The same with the IEEE square root (the CUDA kernels: torch's own sqrt on the GPU).
+template <class W, class S>
+LOMO_HD bool adam_element(W* w, S* m, S* v, float g, uint64_t flat_index, const AdamRule& r) {
+  const float root = sqrt_rn(adam_second_moment(to_float(*v), adam_gradient(g, r), r));
+  return adam_element(w, m, v, g, root, flat_index, r);
 }
 
 }  // namespace lomo

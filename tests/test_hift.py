@@ -91,7 +91,9 @@ class AdamWDouble(FusedOptimizer):
 
 ADAMW_CLASSES = {"double": AdamWDouble}
 if hasattr(lk, "AdamW"):  # the package's fused AdamW; the reference's loss comes from logits, so this one's too
-    ADAMW_CLASSES["fused"] = lambda model, **kw: lk.AdamW(model, fused_cross_entropy=False, **kw)
+    for backend in ("cpu", "torch"):
+        ADAMW_CLASSES[f"fused-{backend}"] = (lambda model, backend=backend, **kw:
+                                             lk.AdamW(model, fused_cross_entropy=False, backend=backend, **kw))
 
 
 def order(strategy, n, hift, cycle):
@@ -417,7 +419,7 @@ def test_adalomo_equals_adalomo_restricted_to_the_active_group(strategy):
 def test_adamw_equals_torch_adamw_reference(strategy, adamw):
     torch.manual_seed(0)
     model = tiny_llama(layers=LAYERS)
-    ref, start = copy.deepcopy(model), copy.deepcopy(model)
+    ref = copy.deepcopy(model)
     lr, wd = 1e-2, 0.05
     hift = run_hift(model, ADAMW_CLASSES[adamw](model, lr=lr, weight_decay=wd, clip_grad_norm=1.0), [], lr,
                     group_size=2, strategy=strategy, seed=2, offload="always")
@@ -428,17 +430,9 @@ def test_adamw_equals_torch_adamw_reference(strategy, adamw):
         norms.append(hift.last_grad_norm)
     hift_torch_reference(ref, hift, lambda g: torch.optim.AdamW(g, lr=lr, weight_decay=wd, foreach=False),
                          ids_list, clip=1.0, norms=norms)
-    if adamw == "double":
-        assert_models_close(model, ref)
-    else:
-        # the fused AdamW's gradient blocks sum in another order than torch's one GEMM, and Adam's first steps
-        # (m/sqrt(v) = sign(g) at t=1) turn that round-off on near-zero gradients into elementwise differences of
-        # up to ~1e-4 of a weight's largest entry: compare each weight's update as a whole
-        start_params = dict(start.named_parameters())
-        for name, q in ref.named_parameters():
-            p, s0 = dict(model.named_parameters())[name].detach(), start_params[name].detach()
-            err = ((p - q.detach()).norm() / (q.detach() - s0).norm().clamp_min(1e-30)).item()
-            assert err <= 1e-4, f"{name}: {err:.2e}"
+    # both equal the reference within 1e-5 of each weight's largest entry (measured: bit for bit; the fused
+    # AdamW takes √v from torch's own sqrt, as torch.optim.AdamW does)
+    assert_models_close(model, ref)
     hift.close()
 
 

@@ -9,34 +9,66 @@
 // code (fused multiply-adds where the scalar code has fma_rn), so every path gives the same bits.
 #include <torch/library.h>
 
+#include <vector>
+
 #include "common.h"
 
 namespace lomo {
 namespace {
 
-// adam_element over [0, count) on the calling thread; g of dtype G or nullptr (a zero gradient).
+// adam_element over [0, count <= kRootPiece) on the calling thread; g of dtype G or nullptr (a zero
+// gradient). First the new v of every element, then at::sqrt of them (√v as torch.optim.AdamW's own sqrt
+// gives it on this CPU: MKL's vector sqrt, not correctly rounded for ~20% of inputs), then the update.
+constexpr int64_t kRootPiece = 16384;  // the new v and their roots (2 x 64 KiB) stay in the L2 cache
+
 template <class W, class S, class G>
-int64_t adam_span_serial(W* w, S* m, S* v, const G* g, int64_t count, int64_t flat0, const AdamRule& r) {
-  int64_t bad = 0;
+int64_t adam_piece(W* w, S* m, S* v, const G* g, int64_t count, int64_t flat0, const AdamRule& r) {
+  thread_local std::vector<float> buffer(2 * kRootPiece);
+  float* v1 = buffer.data();
+  float* root = v1 + kRootPiece;
+  bool vector = false;
   if constexpr (!std::is_same_v<W, fp16> && std::is_same_v<G, float>) {
-    if (vectorized([&](auto k) { bad = k.adam_span(w, m, v, g, count, flat0, r); })) return bad;
+    vector = vectorized([&](auto k) { k.adam_second_moments(v, g, count, r, v1); });
+  }
+  if (!vector) {
+    for (int64_t i = 0; i < count; ++i) {
+      v1[i] = adam_second_moment(to_float(v[i]), adam_gradient(g == nullptr ? 0.0f : to_float(g[i]), r), r);
+    }
+  }
+  at::Tensor root_t = at::from_blob(root, {count}, at::kFloat);
+  at::sqrt_out(root_t, at::from_blob(v1, {count}, at::kFloat));
+  int64_t bad = 0;
+  if (vector) {
+    vectorized([&](auto k) { bad = k.adam_span(w, m, v, g, root, count, flat0, r); });
+    return bad;
   }
   for (int64_t i = 0; i < count; ++i) {
     const float gi = g == nullptr ? 0.0f : to_float(g[i]);
-    bad += adam_element(w + i, m + i, v + i, gi, static_cast<uint64_t>(flat0 + i), r);
+    bad += adam_element(w + i, m + i, v + i, gi, root[i], static_cast<uint64_t>(flat0 + i), r);
   }
   return bad;
 }
 
-// The same over [0, count) in parallel chunks of kChunk elements.
+// The same over [0, count), piece after piece on the calling thread.
+template <class W, class S, class G>
+int64_t adam_serial(W* w, S* m, S* v, const G* g, int64_t count, int64_t flat0, const AdamRule& r) {
+  int64_t bad = 0;
+  for (int64_t begin = 0; begin < count; begin += kRootPiece) {
+    const int64_t n = std::min(kRootPiece, count - begin);
+    bad += adam_piece(w + begin, m + begin, v + begin, g == nullptr ? g : g + begin, n, flat0 + begin, r);
+  }
+  return bad;
+}
+
+// The same in parallel pieces.
 template <class W, class S, class G>
 int64_t adam_span(W* w, S* m, S* v, const G* g, int64_t count, int64_t flat0, const AdamRule& r) {
-  const int64_t chunks = (count + kChunk - 1) / kChunk;
+  const int64_t pieces = (count + kRootPiece - 1) / kRootPiece;
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) reduction(+ : bad) if (count > kParallelGrain)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t begin = c * kChunk, n = std::min(kChunk, count - begin);
-    bad += adam_span_serial(w + begin, m + begin, v + begin, g == nullptr ? g : g + begin, n, flat0 + begin, r);
+  for (int64_t c = 0; c < pieces; ++c) {
+    const int64_t begin = c * kRootPiece, n = std::min(kRootPiece, count - begin);
+    bad += adam_piece(w + begin, m + begin, v + begin, g == nullptr ? g : g + begin, n, flat0 + begin, r);
   }
   return bad;
 }
@@ -117,14 +149,25 @@ void adamw_embedding_update(const at::Tensor& weight, const at::Tensor& exp_avg,
       using D = decltype(d_elem);
       for_each_row_gradient(groups, typed<const D>(grad_out), dim, [&](int64_t k, int64_t row, const float* g) {
         const int64_t off = row * dim;
-        bad_rows[static_cast<size_t>(k)] = adam_span_serial(w + off, m + off, v + off, g, dim, off, rule);
+        bad_rows[static_cast<size_t>(k)] = adam_serial(w + off, m + off, v + off, g, dim, off, rule);
       });
     });
+    // untouched rows in runs (one sqrt call per run's piece, not per row), row blocks in parallel
+    const int64_t block = std::max<int64_t>(1, kRootPiece / std::max<int64_t>(dim, 1));
 #pragma omp parallel for schedule(static) reduction(+ : bad) if (vocab * dim > kParallelGrain)
-    for (int64_t row = 0; row < vocab; ++row) {
-      if (row_is_touched(groups, row)) continue;
-      const int64_t off = row * dim;
-      bad += adam_span_serial(w + off, m + off, v + off, static_cast<const float*>(nullptr), dim, off, rule);
+    for (int64_t b0 = 0; b0 < vocab; b0 += block) {
+      const int64_t b1 = std::min(vocab, b0 + block);
+      for (int64_t row = b0; row < b1;) {
+        if (row_is_touched(groups, row)) {
+          ++row;
+          continue;
+        }
+        int64_t end = row + 1;
+        while (end < b1 && !row_is_touched(groups, end)) ++end;
+        const int64_t off = row * dim;
+        bad += adam_serial(w + off, m + off, v + off, static_cast<const float*>(nullptr), (end - row) * dim, off, rule);
+        row = end;
+      }
     }
   });
   for (int64_t n : bad_rows) bad += n;
@@ -149,6 +192,7 @@ void adamw_dense_update(const at::Tensor& param, const at::Tensor& exp_avg, cons
       return;
     }
     // 16-bit gradients: converted in chunks of kChunk entries (exact), so the vector epilogue applies
+    static_assert(kChunk <= kRootPiece, "a chunk is one adam_piece");
     visit_dtype(dtype_of(grad), [&](auto g_elem) {
       using G = decltype(g_elem);
       const G* g = typed<const G>(grad);
@@ -158,7 +202,7 @@ void adamw_dense_update(const at::Tensor& param, const at::Tensor& exp_avg, cons
         float buffer[kChunk];
         const int64_t begin = c * kChunk, count = std::min(kChunk, n - begin);
         for (int64_t i = 0; i < count; ++i) buffer[i] = to_float(g[begin + i]);
-        bad += adam_span_serial(w + begin, m + begin, v + begin, static_cast<const float*>(buffer), count, begin, rule);
+        bad += adam_piece(w + begin, m + begin, v + begin, static_cast<const float*>(buffer), count, begin, rule);
       }
     });
   });

@@ -83,8 +83,7 @@ inline Simd simd_level() {
 namespace avx512 {
 constexpr int N = 16;
 inline __m512 fma_v(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
-// Zero-masked forms: the unmasked ones' undefined-register temporaries trip -Wmaybe-uninitialized.
-inline __m512 sqrt_v(__m512 a) { return _mm512_maskz_sqrt_ps(0xffff, a); }
+// A zero-masked form: the unmasked one's undefined-register temporaries trip -Wmaybe-uninitialized.
 inline __m512d widen_v(__m256 a) { return _mm512_maskz_cvtps_pd(0xff, a); }
 #include "simd_kernels.h"
 }  // namespace avx512
@@ -95,7 +94,6 @@ inline __m512d widen_v(__m256 a) { return _mm512_maskz_cvtps_pd(0xff, a); }
 namespace avx2 {
 constexpr int N = 8;
 inline __m256 fma_v(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
-inline __m256 sqrt_v(__m256 a) { return _mm256_sqrt_ps(a); }
 inline __m256d widen_v(__m128 a) { return _mm256_cvtps_pd(a); }
 #include "simd_kernels.h"
 }  // namespace avx2

@@ -1,12 +1,12 @@
 // The vector epilogues and reductions of the CPU kernels, written once in GCC's vector extensions.
 // No include guard: common.h includes this file once per ISA, each time inside `#pragma GCC target`
 // and a namespace that defines N (fp32 lanes in one register) and the operations the extensions lack
-// or lower poorly: fma_v, sqrt_v and widen_v (N/2 floats to doubles). So every function here is
+// or lower poorly: fma_v and widen_v (N/2 floats to doubles). So every function here is
 // compiled for its ISA from the start; a generic template merely inlined into a target function
 // would be optimized for the baseline ISA first, which turns AVX-512 mask logic into per-lane code.
 //
 // Each operation is the IEEE single operation lomo_math.h does, in its order (a fused multiply-add
-// exactly where it has fma_rn, correctly rounded sqrt, the same compares and integer bit
+// exactly where it has fma_rn, the same compares and integer bit
 // manipulation), so the epilogues give the scalar path's bits at every width. Sums in double are
 // associated as 16 partial sums whatever the width (Sums16), so AVX2 and AVX-512 give the same bits;
 // the scalar loop sums in element order instead.
@@ -200,10 +200,30 @@ struct Kernels {
     return bad;
   }
 
-  // adam_element over [0, count) with the gradient g (fp32, or nullptr: a zero gradient); returns the
-  // number of guarded elements. W, S in {float, bf16}.
+  // adam_gradient and adam_second_moment of lomo_math.h, N lanes.
+  static f32 adam_gradient_v(const float* g, int64_t i, const AdamRule& r) {
+    const f32 g_raw = g == nullptr ? f32{} : load<f32>(g + i);
+    return clamp_v(g_raw * r.inv_loss_scale, r.clip_value) * r.coef;
+  }
+
+  template <class S>
+  static f32 adam_second_moment_v(u32 v_old, f32 gv, const AdamRule& r) {
+    return fma_v(r.one_minus_beta2 * gv, gv, bits_to_f32<S>(v_old) * r.beta2);
+  }
+
+  // out[i] = the new v of element i (adam_second_moment), for the caller to take torch's sqrt of.
+  template <class S>
+  static void adam_second_moments(const S* v, const float* g, int64_t count, const AdamRule& rule, float* out) {
+    const AdamRule r = rule;
+    int64_t i = 0;
+    for (; i + N <= count; i += N) store(out + i, adam_second_moment_v<S>(load_bits(v + i), adam_gradient_v(g, i, r), r));
+    for (; i < count; ++i) out[i] = adam_second_moment(to_float(v[i]), adam_gradient(g == nullptr ? 0.0f : g[i], r), r);
+  }
+
+  // adam_element over [0, count) with the gradient g (fp32, or nullptr: a zero gradient) and root[i] =
+  // √(the new v) as torch computes it; returns the number of guarded elements. W, S in {float, bf16}.
   template <class W, class S>
-  static int64_t adam_span(W* w, S* m, S* v, const float* g, int64_t count, int64_t flat0,
+  static int64_t adam_span(W* w, S* m, S* v, const float* g, const float* root, int64_t count, int64_t flat0,
                            const AdamRule& rule) {
     const AdamRule r = rule;  // held in registers (as in update_span)
     const bool small = abs_f(r.lerp_weight) < 0.5f;
@@ -213,13 +233,12 @@ struct Kernels {
     i32 guarded = {};
     int64_t i = 0;
     for (; i + N <= count; i += N) {
-      const f32 g_raw = g == nullptr ? f32{} : load<f32>(g + i);
-      const f32 gv = clamp_v(g_raw * r.inv_loss_scale, r.clip_value) * r.coef;
+      const f32 gv = adam_gradient_v(g, i, r);
       const u32 w_old = load_bits(w + i), m_old = load_bits(m + i), v_old = load_bits(v + i);
       const f32 mv = bits_to_f32<S>(m_old);
       const f32 m1 = fma_v(lerp_coef, gv - mv, small ? mv : gv);
-      const f32 v1 = fma_v(r.one_minus_beta2 * gv, gv, bits_to_f32<S>(v_old) * r.beta2);
-      f32 denom = sqrt_v(v1);
+      const f32 v1 = adam_second_moment_v<S>(v_old, gv, r);
+      f32 denom = load<f32>(root + i);
       if (divide) denom = denom / r.denom_div;
       denom = denom + r.eps;
       const f32 w1 = bits_to_f32<W>(w_old) * r.decay + (r.neg_step * m1) / denom;
@@ -235,7 +254,8 @@ struct Kernels {
     }
     int64_t bad = lane_sum(guarded);
     for (; i < count; ++i) {
-      bad += adam_element(w + i, m + i, v + i, g == nullptr ? 0.0f : g[i], static_cast<uint64_t>(flat0 + i), rule);
+      bad += adam_element(w + i, m + i, v + i, g == nullptr ? 0.0f : g[i], root[i],
+                          static_cast<uint64_t>(flat0 + i), rule);
     }
     return bad;
   }

@@ -45,17 +45,6 @@ def _rounded(value: torch.Tensor, dtype: torch.dtype, stochastic: bool, seed: in
     return round_stochastic(value, dtype, idx, seed)
 
 
-def _sqrt_rn(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``√v`` correctly rounded, as the compiled and Triton kernels' IEEE sqrt (torch's CPU sqrt is not:
-    one ulp off for ~18% of random inputs). Through float64, which is exact for sqrt (53 >= 2·24 + 2
-    bits), in pieces of half a block so the float64 temporary is no larger than the block."""
-    flat_v, flat_out = v.reshape(-1), out.view(-1)
-    piece = CHUNK_ELEMENTS // 2
-    for i in range(0, flat_v.numel(), piece):
-        flat_out[i:i + piece].copy_(flat_v[i:i + piece].to(torch.float64).sqrt_())
-    return out
-
-
 def transform_gradient_(g: torch.Tensor, rule) -> torch.Tensor:
     """``coef · clamp(g · inv_loss_scale, ±clip_value)`` in place on an fp32 ``g``."""
     if rule.inv_loss_scale != 1.0:
@@ -79,7 +68,9 @@ def adam_block_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tens
     v32 = v.to(torch.float32, copy=True)
     m32.lerp_(g, 1.0 - rule.beta1)
     v32.mul_(rule.beta2).addcmul_(g, g, value=1.0 - rule.beta2)
-    denom = _sqrt_rn(v32, out=g)
+    # torch's own sqrt, as torch.optim.AdamW's: on CPU MKL's vector sqrt (not correctly rounded for ~20% of
+    # inputs; the cpu backend calls it too), on CUDA IEEE (as the cuda and triton kernels' sqrt.rn)
+    denom = torch.sqrt(v32, out=g)
     if rule.denom_div != 1.0:
         denom.div_(rule.denom_div)
     denom.add_(rule.eps)
