@@ -33,13 +33,14 @@ defers its update: ``DeferredLMHead``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol
 
 import torch
 
 from .ops import adalomo_stats, adamw_update
 from .ops import linear_cross_entropy as lce
-from .ops._common import UpdateRule, check_stats
+from .ops._common import UpdateRule, check_stats, mix32_int
 from .ops.linear_update import linear_grad_sqnorm_
 
 
@@ -104,6 +105,13 @@ class NormHead:
         pass
 
 
+def chunk_seed(seed: int, first_row: int) -> int:
+    """The stochastic-rounding seed of the head's chunk starting at ``first_row`` (the AdamW ops hash an
+    element's index within the rows they are given: without a seed per chunk, every chunk would repeat the
+    first one's draws). The first chunk keeps the step's seed."""
+    return seed if first_row == 0 else mix32_int(seed ^ mix32_int(first_row))
+
+
 class OptimizerHead:
     """Follows a ``lomo_kernels`` optimizer through its phases for its held LM-head weight.
 
@@ -112,7 +120,8 @@ class OptimizerHead:
     ``no_decay``, clip coefficient, value clipping, loss scale, rounding and one seed per step, as its
     ``linear_apply``) in one pass; ``AdamW`` (and ``Apollo``'s AdamW-ruled head) — its element-wise rule on
     the chunk's rows of ``W``, ``m`` and ``v`` in one pass (exact: the rule is per element; stochastic
-    rounding draws from the chunk's own flat index, not the whole weight's); ``AdaLomo`` — three passes
+    rounding hashes the element's index in the chunk with a seed of the chunk's own, ``chunk_seed``: the
+    chunks' draws are independent, though not the bits an unchunked update would draw); ``AdaLomo`` — three passes
     (row/column sums of ``u²``, then ``Σ(r u c)²``, then the update), exactly its ``linear_apply`` with
     ``statistics="recompute"``. skip: nothing.
     """
@@ -164,7 +173,8 @@ class OptimizerHead:
     def chunk(self, pass_name, weight, v0, v1, x, dy):
         if isinstance(self._state, tuple):
             m, v, name = self.opt._moments(weight)
-            adamw_update.adamw_linear_update_(weight[v0:v1], m[v0:v1], v[v0:v1], x, dy, self._state[1],
+            rule = dataclasses.replace(self._state[1], seed=chunk_seed(self._state[1].seed, v0))
+            adamw_update.adamw_linear_update_(weight[v0:v1], m[v0:v1], v[v0:v1], x, dy, rule,
                                               backend=self.opt.backend, name=name,
                                               nonfinite=self.opt.nonfinite_counter(weight))
             return

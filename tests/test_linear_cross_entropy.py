@@ -364,6 +364,28 @@ def test_optimizer_head_adalomo_equals_its_linear_apply(clip_grad_value):
     opt2.close()
 
 
+def test_optimizer_head_adamw_chunks_round_independently():
+    """bf16 AdamW head, stochastic rounding: rows 0..127 and 128..255 are the same weights with the same
+    gradients (no label reaches them), so they see the same fp32 updates; in different chunks they must still
+    draw different rounding bits (one seed per chunk), and the state keeps its dtype."""
+    H, W, labels = _inputs(V=512, seed=29)
+    W = W.to(torch.bfloat16)
+    W[128:256] = W[0:128]
+    labels = labels.clamp_min(256)
+    model = _Head(W.float()).to(torch.bfloat16)
+    opt = lk.AdamW(model, lr=1e-2, rounding="stochastic", state_dtype=torch.bfloat16)
+    opt.phase = "apply"
+    fused_linear_cross_entropy(H.to(torch.bfloat16).requires_grad_(), model.lm_head.weight, labels,
+                               updater=OptimizerHead(opt), shift=True, chunk_size=128).backward()
+    w = model.lm_head.weight.detach()
+    assert not torch.equal(w[:256], W[:256])
+    differ = (w[0:128] != w[128:256]).float().mean().item()
+    assert differ > 0.05, differ  # the same draws would leave the two copies bitwise equal
+    m = opt.exp_avg["lm_head.weight"]
+    assert m.dtype == torch.bfloat16 and (m[0:128] != m[128:256]).any()
+    opt.close()
+
+
 def test_optimizer_head_skip_phase_writes_nothing():
     H, W, labels = _inputs(V=97)
     model = _Head(W)
