@@ -128,21 +128,21 @@ def run_one(method: str, steps: int, max_tokens: int) -> dict:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses}
 
 
-def speed(steps: int = 20, out: Path = RESULTS) -> list[dict]:
-    """Item 7: median step time, no clipping (a global-norm clip costs the fused optimizers a second,
-    norm-only backward pass), fp32, the small preset, 16 x 128 tokens; methods interleaved per round."""
-    from transformers import AutoModelForCausalLM
+SPEED_METHODS = {  # the fused ones with their defaults (the fused cross-entropy on) unless the name says
+    "torch-adamw": METHODS["torch-adamw"][1], "adamw": METHODS["adamw"][1], "apollo": METHODS["apollo"][1],
+    "lomo": METHODS["lomo"][1],
+    "adamw-own-loss": "lomo_kernels.AdamW (fused), fused_cross_entropy=False (the model's own loss, as torch's)",
+}
 
+
+def _speed_steps(base, ids):
+    """One step function per method on its own copy of ``base`` (no clipping: a global-norm clip costs the
+    fused optimizers a second, norm-only backward pass)."""
     import lomo_kernels as lk
-    from lomo_kernels.training.presets import preset_config
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(preset_config("small"), dtype=torch.float32)
-    ids = torch.randint(0, base.config.vocab_size, (16, 128))
     runs = {}
     # Lomo (fused SGD) is the fused path's floor: routing and per-weight backward nodes without AdamW's
     # moments; the AdamW epilogue costs what fused AdamW takes over it
-    for name in ("torch-adamw", "adamw", "apollo", "lomo"):
+    for name in SPEED_METHODS:
         model = copy.deepcopy(base).train()
         if name == "torch-adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
@@ -153,28 +153,68 @@ def speed(steps: int = 20, out: Path = RESULTS) -> list[dict]:
                 o.step()
         else:
             opt = (lk.AdamW(model, lr=1e-3) if name == "adamw" else lk.Lomo(model, lr=1e-3) if name == "lomo"
+                   else lk.AdamW(model, lr=1e-3, fused_cross_entropy=False) if name == "adamw-own-loss"
                    else lk.Apollo(model, lr=1e-3, rank=RANK))
 
             def step(m=model, o=opt):
                 o.fused_backward(m(input_ids=ids, labels=ids).loss, 1e-3)
-        runs[name] = (step, [])
+        runs[name] = step
+    return runs
+
+
+def _speed_table(title: str, runs: dict, steps: int) -> tuple[list[dict], str]:
+    """Median process-CPU and wall time per method over ``steps`` rounds (methods interleaved in each round,
+    the first 3 rounds dropped as warm-up)."""
+    cpu = {n: [] for n in runs}
+    wall = {n: [] for n in runs}
     for _ in range(steps):
-        for name, (step, times) in runs.items():
-            t0 = time.perf_counter()
+        for name, step in runs.items():
+            c0, t0 = time.process_time(), time.perf_counter()
             step()
-            times.append(time.perf_counter() - t0)
-    rows = [{"method": n, "median_step_ms": 1000 * statistics.median(t[3:])} for n, (_, t) in runs.items()]
-    ref = rows[0]["median_step_ms"]
-    fused = rows[1]["median_step_ms"]
-    lines = ["| method | median step ms | vs torch AdamW | vs fused AdamW |", "|---|---|---|---|"]
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - t0)
+    rows = [{"model": title, "method": n, "median_cpu_ms": 1000 * statistics.median(cpu[n][3:]),
+             "median_wall_ms": 1000 * statistics.median(wall[n][3:])} for n in runs]
+    ref, fused = rows[0]["median_cpu_ms"], rows[1]["median_cpu_ms"]
+    lines = [f"### {title}", "", "| method | median CPU ms | median wall ms | CPU vs torch AdamW | CPU vs fused AdamW |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {METHODS[r['method']][1]} | {r['median_step_ms']:.0f} | {r['median_step_ms'] / ref:.2f}x | "
-                     f"{r['median_step_ms'] / fused:.2f}x |")
+        lines.append(f"| {SPEED_METHODS[r['method']]} | {r['median_cpu_ms']:.0f} | {r['median_wall_ms']:.0f} | "
+                     f"{r['median_cpu_ms'] / ref:.2f}x | {r['median_cpu_ms'] / fused:.2f}x |")
+    return rows, "\n".join(lines)
+
+
+def speed(steps: int = 30, out: Path = RESULTS) -> list[dict]:
+    """Item 7: median step time of torch AdamW (foreach), fused AdamW, Apollo and Lomo, fp32, no clipping, on
+    the CPU benchmark model (``bench_cpu_speed.build_model``: 20.8 M parameters, 512 tokens, the model item 7
+    names) and on the embedded default's ``small`` preset (0.87 M parameters, 16 x 128 tokens, where the
+    fused path's fixed cost per weight weighs most). The fused optimizers use their defaults (the fused
+    cross-entropy included); the ratios are of process CPU time (this process only)."""
+    from transformers import AutoModelForCausalLM
+
+    from lomo_kernels.training.presets import preset_config
+
+    from .bench_cpu_speed import build_model
+    from .common import device_record
+
+    torch.manual_seed(0)
+    rows, tables = [], []
+    bench_model = build_model(False, torch.float32)
+    small = AutoModelForCausalLM.from_config(preset_config("small"), dtype=torch.float32)
+    for title, base, shape in (
+            (f"CPU benchmark model ({sum(p.numel() for p in bench_model.parameters()) / 1e6:.1f} M parameters, "
+             "1 x 512 tokens)", bench_model, (1, 512)),
+            (f"`small` preset ({sum(p.numel() for p in small.parameters()) / 1e6:.2f} M parameters, 16 x 128 tokens)",
+             small, (16, 128))):
+        ids = torch.randint(0, base.config.vocab_size, shape)
+        table_rows, text = _speed_table(title, _speed_steps(base, ids), steps)
+        rows += table_rows
+        tables.append(text)
     # the machine's load average: a shared machine's other jobs slow every method, ratios less so
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    text = (f"Step time, `small` preset, 16 x 128 tokens, fp32, no clipping, {torch.get_num_threads()} thread(s), "
-            f"median of {steps - 3} interleaved steps (python -m bench.bench_convergence --speed); load average "
-            f"{load} on {os.cpu_count()} cores\n\n" + "\n".join(lines) + "\n")
+    text = (f"Step time, fp32, no clipping, {torch.get_num_threads()} thread(s), medians of {steps - 3} interleaved "
+            f"steps (python -m bench.bench_convergence --speed); load average {load}; "
+            + "; ".join(f"{k} {v}" for k, v in device_record().items()) + "\n\n" + "\n\n".join(tables) + "\n")
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "adaptive_speed.md").write_text(text)
     print(text)

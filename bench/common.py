@@ -61,7 +61,7 @@ def device_record() -> dict:
     """What the numbers were measured on."""
     import lomo_kernels
     rec = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-           "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "load average at the end": load_average(),
+           "cpu": _cpu_name(), "cpu simd": _cpu_simd(), "cpu_count": os.cpu_count(), "load average at the end": load_average(),
            "backends": ", ".join(n for n, info in lomo_kernels.available_backends().items() if info.available)}
     if torch.cuda.is_available():
         rec["gpu"] = torch.cuda.get_device_name(0)
@@ -77,6 +77,16 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _cpu_simd() -> str:
+    """The widest x86 vector extension the CPU reports (the compiled CPU kernels' epilogues use it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return next((isa for isa in ("avx512f", "avx2") if isa in flags), "none")
 
 
 def bench_device() -> torch.device:
