@@ -93,13 +93,10 @@ int64_t adam_serial(W* w, S* m, S* v, const G* g, int64_t count, int64_t flat0, 
 template <class W, class S, class G>
 int64_t adam_span(W* w, S* m, S* v, const G* g, int64_t count, int64_t flat0, const AdamRule& r) {
   const int64_t pieces = (count + kRootPiece - 1) / kRootPiece;
-  int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad) if (count > kParallelGrain)
-  for (int64_t c = 0; c < pieces; ++c) {
+  return parallel_sum(pieces, pieces > 1, [&](int64_t c) {
     const int64_t begin = c * kRootPiece, n = std::min(kRootPiece, count - begin);
-    bad += adam_piece(w + begin, m + begin, v + begin, g == nullptr ? g : g + begin, n, flat0 + begin, r);
-  }
-  return bad;
+    return adam_piece(w + begin, m + begin, v + begin, g == nullptr ? g : g + begin, n, flat0 + begin, r);
+  });
 }
 
 // Calls fn(w, m, v) with the typed data pointers of the weight (fp32/bf16/fp16) and the moments (fp32/bf16).
@@ -183,9 +180,10 @@ void adamw_embedding_update(const at::Tensor& weight, const at::Tensor& exp_avg,
     });
     // untouched rows in runs (one sqrt call per run's piece, not per row), row blocks in parallel
     const int64_t block = std::max<int64_t>(1, kRootPiece / std::max<int64_t>(dim, 1));
-#pragma omp parallel for schedule(static) reduction(+ : bad) if (vocab * dim > kParallelGrain)
-    for (int64_t b0 = 0; b0 < vocab; b0 += block) {
-      const int64_t b1 = std::min(vocab, b0 + block);
+    const int64_t blocks = (vocab + block - 1) / block;
+    bad = parallel_sum(blocks, vocab * dim > kParallelGrain, [&](int64_t b) {
+      const int64_t b0 = b * block, b1 = std::min(vocab, b0 + block);
+      int64_t block_bad = 0;
       for (int64_t row = b0; row < b1;) {
         if (row_is_touched(groups, row)) {
           ++row;
@@ -194,10 +192,12 @@ void adamw_embedding_update(const at::Tensor& weight, const at::Tensor& exp_avg,
         int64_t end = row + 1;
         while (end < b1 && !row_is_touched(groups, end)) ++end;
         const int64_t off = row * dim;
-        bad += adam_serial(w + off, m + off, v + off, static_cast<const float*>(nullptr), (end - row) * dim, off, rule);
+        block_bad +=
+            adam_serial(w + off, m + off, v + off, static_cast<const float*>(nullptr), (end - row) * dim, off, rule);
         row = end;
       }
-    }
+      return block_bad;
+    });
   });
   for (int64_t n : bad_rows) bad += n;
   add_to_counter(nonfinite, bad);
@@ -226,13 +226,12 @@ void adamw_dense_update(const at::Tensor& param, const at::Tensor& exp_avg, cons
       using G = decltype(g_elem);
       const G* g = typed<const G>(grad);
       const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) reduction(+ : bad) if (n > kParallelGrain)
-      for (int64_t c = 0; c < chunks; ++c) {
+      bad = parallel_sum(chunks, n > kParallelGrain, [&](int64_t c) {
         float buffer[kChunk];
         const int64_t begin = c * kChunk, count = std::min(kChunk, n - begin);
         for (int64_t i = 0; i < count; ++i) buffer[i] = to_float(g[begin + i]);
-        bad += adam_piece(w + begin, m + begin, v + begin, static_cast<const float*>(buffer), count, begin, rule);
-      }
+        return adam_piece(w + begin, m + begin, v + begin, static_cast<const float*>(buffer), count, begin, rule);
+      });
     });
   });
   add_to_counter(nonfinite, bad);

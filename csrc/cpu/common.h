@@ -30,6 +30,22 @@ constexpr int64_t kParallelGrain = int64_t{1} << 14;
 // Elements per task of the parallel epilogue loops.
 constexpr int64_t kChunk = int64_t{1} << 12;
 
+// The sum over c in [0, n) of body(c): by the OpenMP team when `parallel`, else on the calling thread
+// outside any OpenMP construct. Not `#pragma omp parallel for if (parallel)`: ATen called inside such an
+// inactive team (the AdamW kernels' at::sqrt, MKL) waits on the pool's spinning threads, ~2 ms a call
+// with 2 threads right after a GEMM.
+template <class Body>
+int64_t parallel_sum(int64_t n, bool parallel, Body&& body) {
+  int64_t total = 0;
+  if (!parallel) {
+    for (int64_t c = 0; c < n; ++c) total += body(c);
+    return total;
+  }
+#pragma omp parallel for schedule(static) reduction(+ : total)
+  for (int64_t c = 0; c < n; ++c) total += body(c);
+  return total;
+}
+
 inline int64_t rows_per_block(int64_t cols) { return std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1)); }
 
 template <class T>
@@ -293,21 +309,18 @@ inline void check_activations(const at::Tensor& x, const at::Tensor& grad_out, i
 // so the sums do not depend on the thread count. Groups run in parallel; g is a per-thread buffer.
 template <class D, class Fn>
 inline void for_each_row_gradient(const RowGroups& groups, const D* dy, int64_t dim, Fn&& fn) {
-#pragma omp parallel if (groups.count * dim > kParallelGrain)
-  {
-    std::vector<float> g(static_cast<size_t>(dim));
-#pragma omp for schedule(static)
-    for (int64_t k = 0; k < groups.count; ++k) {
-      const int64_t row = groups.rows[k];
-      if (row == groups.padding_idx) continue;
-      std::fill(g.begin(), g.end(), 0.0f);
-      for (int64_t t = groups.starts[k]; t < groups.starts[k + 1]; ++t) {
-        const D* src = dy + groups.order[t] * dim;
-        for (int64_t c = 0; c < dim; ++c) g[c] += to_float(src[c]);
-      }
-      fn(k, row, g.data());
+  parallel_sum(groups.count, groups.count * dim > kParallelGrain, [&](int64_t k) -> int64_t {
+    const int64_t row = groups.rows[k];
+    if (row == groups.padding_idx) return 0;
+    thread_local std::vector<float> g;
+    g.assign(static_cast<size_t>(dim), 0.0f);
+    for (int64_t t = groups.starts[k]; t < groups.starts[k + 1]; ++t) {
+      const D* src = dy + groups.order[t] * dim;
+      for (int64_t c = 0; c < dim; ++c) g[c] += to_float(src[c]);
     }
-  }
+    fn(k, row, g.data());
+    return 0;
+  });
 }
 
 inline void check_embedding(const at::Tensor& indices, const at::Tensor& grad_out, int64_t dim, const char* op) {
