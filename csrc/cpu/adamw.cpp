@@ -27,23 +27,23 @@ constexpr int64_t kRootPiece = 16384;  // the new v, their roots and the packed 
 void take_roots(const float* v1, float* root, float* packed, int64_t count) {
   int64_t nonzero = 0;
   for (int64_t i = 0; i < count; ++i) nonzero += v1[i] != 0.0f;
+  if (nonzero == count) {
+    at::Tensor root_t = at::from_blob(root, {count}, at::kFloat);
+    at::sqrt_out(root_t, at::from_blob(const_cast<float*>(v1), {count}, at::kFloat));
+    return;
+  }
   if (nonzero == 0) {
     std::memcpy(root, v1, static_cast<size_t>(count) * sizeof(float));
     return;
   }
-  const bool all = nonzero == count;
-  float* roots = all ? root : packed;
-  if (!all) {
-    int64_t k = 0;
-    for (int64_t i = 0; i < count; ++i) {  // branch-free compaction: a zero is written, then overwritten
-      packed[k] = v1[i];
-      k += v1[i] != 0.0f;
-    }
-  }
-  at::Tensor roots_t = at::from_blob(roots, {nonzero}, at::kFloat);
-  at::sqrt_out(roots_t, all ? at::from_blob(const_cast<float*>(v1), {count}, at::kFloat) : roots_t);
-  if (all) return;
   int64_t k = 0;
+  for (int64_t i = 0; i < count; ++i) {  // branch-free compaction: a zero is written, then overwritten
+    packed[k] = v1[i];
+    k += v1[i] != 0.0f;
+  }
+  at::Tensor packed_t = at::from_blob(packed, {nonzero}, at::kFloat);
+  at::sqrt_out(packed_t, packed_t);
+  k = 0;
   for (int64_t i = 0; i < count; ++i) {
     const bool zero = v1[i] == 0.0f;
     root[i] = zero ? v1[i] : packed[k];
