@@ -479,15 +479,16 @@ def test_fused_cross_entropy_on_equals_off_on_the_default_model(tmp_path, capsys
         assert (a[name] - b[name]).abs().max() <= tol, (name, (a[name] - b[name]).abs().max())
 
 
-def test_explicit_fused_cross_entropy_that_cannot_engage_is_refused(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("hift", [[], ["--hift-group-size", "1"]], ids=["plain", "hift"])
+def test_explicit_fused_cross_entropy_that_cannot_engage_is_refused(tmp_path, capsys, monkeypatch, hift):
     """--fused-cross-entropy typed for a model whose loss is not verified: exit 2 naming why, before any write
-    (left out, the run takes the model's own loss and its header says why)."""
+    (left out, the run takes the model's own loss and its header says why); HiFT says its optimizer's reason."""
     from lomo_kernels.integrations import causal_lm_loss
 
     monkeypatch.setattr(causal_lm_loss, "FUSED_LOSS_CLASSES", {})
     run = tmp_path / "run"
     code = main(["train", "--optimizer", "lomo", "--fused-cross-entropy", "--steps", "1", "--max-data-tokens",
-                 "20000", "--no-progress", "--eval-every", "0", "--output", str(run)])
+                 "20000", "--no-progress", "--eval-every", "0", "--output", str(run), *hift])
     err = capsys.readouterr().err
     assert code == 2 and "--fused-cross-entropy does not apply" in err and "verified" in err, err
     assert not run.exists()

@@ -167,6 +167,17 @@ def test_wraps_fused_optimizers_only():
         HiFT(opt)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_says_whether_the_wrapped_loss_is_fused(fused):
+    """HiFT answers for the wrapped optimizer (the trainer's --fused-cross-entropy check and run header ask it)."""
+    model = tiny_llama(layers=2)
+    opt = lk.Lomo(model, lr=1e-3, fused_cross_entropy=fused)
+    with HiFT(opt) as hift:
+        assert hift.fused_cross_entropy is fused is opt.fused_cross_entropy
+        assert hift.fused_cross_entropy_reason == opt.fused_cross_entropy_reason
+        assert (hift.fused_cross_entropy_reason is None) is fused
+
+
 def test_orders_and_random_permutations():
     model = tiny_llama(layers=LAYERS)
     with lk.Lomo(model, lr=1e-3) as opt:

@@ -303,8 +303,7 @@ def prepare(args, explicit: set[str], say) -> Run:
         runner = build_runner(args, model)
     except ValueError as exc:
         raise UsageError(f"--optimizer {args.optimizer}: {exc}") from None
-    held = getattr(runner, "opt", None)
-    held = getattr(held, "optimizer", held)  # HiFT wraps the fused optimizer
+    held = getattr(runner, "opt", None)  # a fused optimizer, or HiFT answering for the one it wraps
     if "fused_cross_entropy" in explicit and args.fused_cross_entropy and not getattr(held, "fused_cross_entropy", True):
         reason = held.fused_cross_entropy_reason
         runner.opt.close()  # asked for explicitly, not silently dropped: bad input, before any write
