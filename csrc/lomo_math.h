@@ -280,13 +280,12 @@ LOMO_HD float adam_second_moment(float v, float g, const AdamRule& r) {
   return fma_rn(mul_rn(r.one_minus_beta2, g), g, mul_rn(v, r.beta2));
 }
 
-// `root` is √v1 as the caller's torch computes it.
-LOMO_HD AdamValues adam_values(float w, float m, float v, float g_raw, float root, const AdamRule& r) {
-  const float g = adam_gradient(g_raw, r);
+// The new w and m of one element from its transformed gradient g (adam_gradient), its new v1
+// (adam_second_moment) and `root` = √v1 as the caller's torch computes it.
+LOMO_HD AdamValues adam_values(float w, float m, float g, float v1, float root, const AdamRule& r) {
   const float diff = sub_rn(g, m);
   const bool small = abs_f(r.lerp_weight) < 0.5f;
   const float m1 = small ? fma_rn(r.lerp_weight, diff, m) : fma_rn(sub_rn(r.lerp_weight, 1.0f), diff, g);
-  const float v1 = adam_second_moment(v, g, r);
   float denom = root;
   if (r.denom_div != 1.0f) denom = div_rn(denom, r.denom_div);
   denom = add_rn(denom, r.eps);
@@ -302,13 +301,13 @@ LOMO_HD T rounded_as(float v, uint64_t flat_index, bool stochastic, uint32_t see
   return stochastic ? round_stochastic<T>(v, uniform_from_index(flat_index, seed_hash)) : round_nearest(v, T{});
 }
 
-// One AdamW element in place: weight W (fp32/bf16/fp16), moments S (fp32/bf16), fp32 gradient entry,
-// `root` = √(the new v) as torch computes it (see adam_values).
+// One AdamW element in place from its transformed gradient g, new v1 and root = √v1: weight W
+// (fp32/bf16/fp16), moments S (fp32/bf16).
 // The non-finite guard: when the new w, m or v, rounded into its dtype, is not finite, all three keep
 // their old bits and the function returns true (the caller counts the element); else false.
 template <class W, class S>
-LOMO_HD bool adam_element(W* w, S* m, S* v, float g, float root, uint64_t flat_index, const AdamRule& r) {
-  const AdamValues nv = adam_values(to_float(*w), to_float(*m), to_float(*v), g, root, r);
+LOMO_HD bool adam_store(W* w, S* m, S* v, float g, float v1, float root, uint64_t flat_index, const AdamRule& r) {
+  const AdamValues nv = adam_values(to_float(*w), to_float(*m), g, v1, root, r);
   const W w_out = rounded_as(nv.w, flat_index, r.stochastic, r.seed_hash_w, W{});
   const S m_out = rounded_as(nv.m, flat_index, r.state_stochastic, r.seed_hash_m, S{});
   const S v_out = rounded_as(nv.v, flat_index, r.state_stochastic, r.seed_hash_v, S{});
@@ -319,11 +318,20 @@ LOMO_HD bool adam_element(W* w, S* m, S* v, float g, float root, uint64_t flat_i
   return false;
 }
 
+// One AdamW element from the raw fp32 gradient entry g_raw, with `root` = √(the new v) as torch computes
+// it (the CPU kernels: MKL's sqrt, taken over a span of new v beforehand).
+template <class W, class S>
+LOMO_HD bool adam_element(W* w, S* m, S* v, float g_raw, float root, uint64_t flat_index, const AdamRule& r) {
+  const float g = adam_gradient(g_raw, r);
+  return adam_store(w, m, v, g, adam_second_moment(to_float(*v), g, r), root, flat_index, r);
+}
+
 // The same with the IEEE square root (the CUDA kernels: torch's own sqrt on the GPU).
 template <class W, class S>
-LOMO_HD bool adam_element(W* w, S* m, S* v, float g, uint64_t flat_index, const AdamRule& r) {
-  const float root = sqrt_rn(adam_second_moment(to_float(*v), adam_gradient(g, r), r));
-  return adam_element(w, m, v, g, root, flat_index, r);
+LOMO_HD bool adam_element(W* w, S* m, S* v, float g_raw, uint64_t flat_index, const AdamRule& r) {
+  const float g = adam_gradient(g_raw, r);
+  const float v1 = adam_second_moment(to_float(*v), g, r);
+  return adam_store(w, m, v, g, v1, sqrt_rn(v1), flat_index, r);
 }
 
 }  // namespace lomo

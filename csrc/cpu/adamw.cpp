@@ -3,7 +3,7 @@
 //
 // Linear: the weight gradient G = dyᵀx in row blocks through the block GEMMs of common.h (fp32 ATen
 // GEMM, or MKL's 16-bit GEMM with fp32 accumulation) into one reused block buffer; each block's
-// epilogue reads the matching spans of W, m and v, applies adam_element of lomo_math.h and writes all
+// epilogue reads the matching spans of W, m and v, applies the AdamW rule of lomo_math.h and writes all
 // three. No weight-sized gradient exists. The epilogue runs 16 (AVX-512F) or 8 (AVX2 + FMA) lanes at a
 // time for fp32/bf16 weights and moments (simd_kernels.h) using the same IEEE operations as the scalar
 // code (fused multiply-adds where the scalar code has fma_rn), so every path gives the same bits.
@@ -16,7 +16,7 @@
 namespace lomo {
 namespace {
 
-// adam_element over [0, count <= kRootPiece) on the calling thread; g of dtype G or nullptr (a zero
+// The AdamW step over [0, count <= kRootPiece) on the calling thread; g of dtype G or nullptr (a zero
 // gradient). First the new v of every element, then at::sqrt of them (√v as torch.optim.AdamW's own sqrt
 // gives it on this CPU: MKL's vector sqrt, not correctly rounded for ~20% of inputs), then the update.
 constexpr int64_t kRootPiece = 16384;  // the new v, their roots and the packed ones (3 x 64 KiB) stay in L2
@@ -72,8 +72,8 @@ int64_t adam_piece(W* w, S* m, S* v, const G* g, int64_t count, int64_t flat0, c
     return bad;
   }
   for (int64_t i = 0; i < count; ++i) {
-    const float gi = g == nullptr ? 0.0f : to_float(g[i]);
-    bad += adam_element(w + i, m + i, v + i, gi, root[i], static_cast<uint64_t>(flat0 + i), r);
+    const float gi = adam_gradient(g == nullptr ? 0.0f : to_float(g[i]), r);
+    bad += adam_store(w + i, m + i, v + i, gi, v1[i], root[i], static_cast<uint64_t>(flat0 + i), r);
   }
   return bad;
 }
