@@ -46,6 +46,17 @@ int64_t parallel_sum(int64_t n, bool parallel, Body&& body) {
   return total;
 }
 
+// body(c) for c in [0, n), the same way (no result).
+template <class Body>
+void parallel_for(int64_t n, bool parallel, Body&& body) {
+  if (!parallel) {
+    for (int64_t c = 0; c < n; ++c) body(c);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n; ++c) body(c);
+}
+
 inline int64_t rows_per_block(int64_t cols) { return std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1)); }
 
 template <class T>
@@ -309,9 +320,9 @@ inline void check_activations(const at::Tensor& x, const at::Tensor& grad_out, i
 // so the sums do not depend on the thread count. Groups run in parallel; g is a per-thread buffer.
 template <class D, class Fn>
 inline void for_each_row_gradient(const RowGroups& groups, const D* dy, int64_t dim, Fn&& fn) {
-  parallel_sum(groups.count, groups.count * dim > kParallelGrain, [&](int64_t k) -> int64_t {
+  parallel_for(groups.count, groups.count * dim > kParallelGrain, [&](int64_t k) {
     const int64_t row = groups.rows[k];
-    if (row == groups.padding_idx) return 0;
+    if (row == groups.padding_idx) return;
     thread_local std::vector<float> g;
     g.assign(static_cast<size_t>(dim), 0.0f);
     for (int64_t t = groups.starts[k]; t < groups.starts[k + 1]; ++t) {
@@ -319,7 +330,6 @@ inline void for_each_row_gradient(const RowGroups& groups, const D* dy, int64_t 
       for (int64_t c = 0; c < dim; ++c) g[c] += to_float(src[c]);
     }
     fn(k, row, g.data());
-    return 0;
   });
 }
 
