@@ -282,6 +282,9 @@ def test_bad_arguments_exit_2_naming_the_argument(tiny, capsys, extra, flag):
     (["--gpus", "2"], "--gpus"), (["--gpu-tflops", "100"], "--gpu-tflops"), (["--exhaustive"], "--exhaustive"),
     (["--chart", "x.png"], "--chart"), (["--hift-group-size", "2"], "--hift-group-size"),
     (["--apollo-rank", "4"], "--apollo-rank"), (["--lora-rank", "4"], "--lora-rank"),
+    # typed, even with the default's value
+    (["--gpus", "1"], "--gpus"), (["--max-batch-size", "64"], "--max-batch-size"),
+    (["--hift-group-size", "1"], "--hift-group-size"), (["--lora-rank", "8"], "--lora-rank"),
 ])
 def test_plan_refuses_options_it_would_ignore(tiny, capsys, extra, flag):
     """Without --recommend (and for methods that do not take them) an option would be silently ignored."""
@@ -298,8 +301,8 @@ def test_batch_size_default_is_told_apart_from_a_typed_one(tiny):
     import argparse
     parser = argparse.ArgumentParser()
     planner.add_plan_arguments(parser)
-    assert isinstance(parser.parse_args([]).batch_size, R._NotGiven)
+    assert planner.is_default(parser.parse_args([]).batch_size)
     assert parser.parse_args([]).batch_size == 1                  # the plain planner still sees 1
     typed = parser.parse_args(["--batch-size", "1"]).batch_size
-    assert typed == 1 and not isinstance(typed, R._NotGiven)
+    assert typed == 1 and not planner.is_default(typed)
     assert not math.isnan(parser.parse_args([]).gpu_tflops)

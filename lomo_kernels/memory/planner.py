@@ -386,6 +386,43 @@ def plan(model: str = "llama-7b", method: str = "lomo", dtype: str = "fp16", bat
 
 # --- command line ---------------------------------------------------------------------------------
 
+class _DefaultInt(int):
+    """An option's default, told apart from the same value typed (``is_default``)."""
+
+
+class _DefaultFloat(float):
+    """An option's default, told apart from the same value typed (``is_default``)."""
+
+
+class _DefaultStr(str):
+    """An option's default, told apart from the same value typed (``is_default``)."""
+
+
+_DEFAULT_KINDS = {int: _DefaultInt, float: _DefaultFloat, str: _DefaultStr}
+
+
+def mark_defaults(parser: argparse.ArgumentParser, flags) -> None:
+    """Make the defaults of ``flags`` (int, float or str) instances of a marker subclass: equal to the plain
+    value everywhere, but ``is_default`` tells them apart from a value the user typed."""
+    for flag in flags:
+        action = parser._option_string_actions[flag]
+        kind = _DEFAULT_KINDS.get(type(action.default))
+        if kind is not None:
+            action.default = kind(action.default)
+
+
+def is_default(value) -> bool:
+    """True for a value no one typed: a marked default (``mark_defaults``), None, or a store_true's False."""
+    return value is None or value is False or isinstance(value, tuple(_DEFAULT_KINDS.values()))
+
+
+# options that only --recommend reads, and those only some methods read (flag -> the methods)
+RECOMMEND_ONLY = ("--gpus", "--gpu-tflops", "--gpu-efficiency", "--link-gbps", "--max-batch-size", "--jobs",
+                  "--exhaustive", "--chart")
+METHOD_OPTIONS = {"--hift-group-size": HIFT_METHODS, "--apollo-rank": tuple(DEFAULT_APOLLO_RANK),
+                  "--lora-rank": ("lora",)}
+
+
 def _positive_gib(text: str) -> float:
     try:
         value = float(text)
@@ -427,6 +464,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     from .recommend import add_recommend_arguments
     add_recommend_arguments(parser)
+    mark_defaults(parser, ("--batch-size", "--method", *RECOMMEND_ONLY, *METHOD_OPTIONS))
 
 
 def format_table(results: list[PlanResult]) -> str:
@@ -438,23 +476,15 @@ def format_table(results: list[PlanResult]) -> str:
 
 
 def _unused_options(args: argparse.Namespace, methods) -> str | None:
-    """An option the user set that this plan would silently ignore (None: none)."""
-    from .recommend import DEFAULT_EFFICIENCY, DEFAULT_LINK_GBPS, DEFAULT_MAX_BATCH, DEFAULT_TFLOPS
-    recommend_only = {"--gpus": (getattr(args, "gpus", 1), 1),
-                      "--gpu-tflops": (getattr(args, "gpu_tflops", DEFAULT_TFLOPS), DEFAULT_TFLOPS),
-                      "--gpu-efficiency": (getattr(args, "gpu_efficiency", DEFAULT_EFFICIENCY), DEFAULT_EFFICIENCY),
-                      "--link-gbps": (getattr(args, "link_gbps", DEFAULT_LINK_GBPS), DEFAULT_LINK_GBPS),
-                      "--max-batch-size": (getattr(args, "max_batch_size", DEFAULT_MAX_BATCH), DEFAULT_MAX_BATCH),
-                      "--jobs": (getattr(args, "jobs", None), None), "--exhaustive": (getattr(args, "exhaustive", False), False),
-                      "--chart": (getattr(args, "chart", None), None)}
-    given = [flag for flag, (value, default) in recommend_only.items() if value != default]
+    """An option the user typed that this plan would silently ignore (None: none)."""
+    def typed(flag):
+        return not is_default(getattr(args, flag.lstrip("-").replace("-", "_"), None))
+
+    given = [flag for flag in RECOMMEND_ONLY if typed(flag)]
     if given:
         return f"{', '.join(given)} only apply with --recommend (the ranking of every candidate for your GPUs)"
-    per_method = (("--hift-group-size", getattr(args, "hift_group_size", 1), 1, HIFT_METHODS),
-                  ("--apollo-rank", getattr(args, "apollo_rank", None), None, tuple(DEFAULT_APOLLO_RANK)),
-                  ("--lora-rank", getattr(args, "lora_rank", DEFAULT_LORA_RANK), DEFAULT_LORA_RANK, ("lora",)))
-    for flag, value, default, users in per_method:
-        if value != default and not any(m in users for m in methods):
+    for flag, users in METHOD_OPTIONS.items():
+        if typed(flag) and not any(m in users for m in methods):
             return f"{flag} applies to {', '.join(users)}, none of which is planned (--method {args.method})"
     return None
 

@@ -51,14 +51,6 @@ DEFAULT_MAX_BATCH = 64
 CPU_FLOP_CATEGORIES = ("forward", "backward", "optimizer")
 
 
-class _NotGiven(int):
-    """The planner's ``--batch-size`` default (1), told apart from a ``--batch-size 1`` the user typed."""
-
-
-class _NotGivenStr(str):
-    """The planner's ``--method`` default, told apart from a ``--method`` the user typed."""
-
-
 # --- candidates -----------------------------------------------------------------------------------
 
 def all_methods() -> tuple:
@@ -1078,22 +1070,14 @@ def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
         help="measure every candidate, also those dominated by a measured one (eager attention where sdpa was "
              "measured; the bigger variants of a method whose smallest does not fit)")
     add("--chart", default=None, help="with --recommend: write a PNG chart of the ranking to this path")
-    # tell the planner's defaults apart from values the user typed
-    actions = parser._option_string_actions
-    if "--batch-size" in actions:
-        actions["--batch-size"].default = _NotGiven(actions["--batch-size"].default or 1)
-    if "--method" in actions:
-        actions["--method"].default = _NotGivenStr(actions["--method"].default)
-    if "--sample-layers" in actions and actions["--sample-layers"].default is None:
-        pass
 
 
 def run_recommend(args: argparse.Namespace) -> int:
     """``plan --recommend``: ranked table (or JSON) on stdout; 0 something fits, 1 nothing fits, 2 bad input."""
     batch = getattr(args, "batch_size", None)
-    batch = None if batch is None or isinstance(batch, _NotGiven) else batch
+    batch = None if planner.is_default(batch) else batch  # the planner's default 1: search the micro-batch
     method = getattr(args, "method", None)
-    methods = None if method is None or isinstance(method, _NotGivenStr) or method == "all" else \
+    methods = None if planner.is_default(method) or method == "all" else \
         [m.strip() for m in method.split(",")]
     if getattr(args, "gpu_gib", None) is None:
         print("error: --recommend needs --gpu-gib (the memory of one GPU, GiB)", file=sys.stderr)
