@@ -269,7 +269,7 @@ struct AdamRule {
 // v first (adam_second_moment), takes at::sqrt of a span of them (on CPU that is MKL's vector sqrt,
 // not correctly rounded for ~20% of inputs) and passes each root in.
 struct AdamValues {
-  float w, m, v;
+  float w, m;
 };
 
 LOMO_HD float adam_gradient(float g_raw, const AdamRule& r) {
@@ -280,9 +280,9 @@ LOMO_HD float adam_second_moment(float v, float g, const AdamRule& r) {
   return fma_rn(mul_rn(r.one_minus_beta2, g), g, mul_rn(v, r.beta2));
 }
 
-// The new w and m of one element from its transformed gradient g (adam_gradient), its new v1
-// (adam_second_moment) and `root` = √v1 as the caller's torch computes it.
-LOMO_HD AdamValues adam_values(float w, float m, float g, float v1, float root, const AdamRule& r) {
+// The new w and m of one element from its transformed gradient g (adam_gradient) and `root` = √(its new
+// v, adam_second_moment) as the caller's torch computes it.
+LOMO_HD AdamValues adam_values(float w, float m, float g, float root, const AdamRule& r) {
   const float diff = sub_rn(g, m);
   const bool small = abs_f(r.lerp_weight) < 0.5f;
   const float m1 = small ? fma_rn(r.lerp_weight, diff, m) : fma_rn(sub_rn(r.lerp_weight, 1.0f), diff, g);
@@ -290,7 +290,7 @@ LOMO_HD AdamValues adam_values(float w, float m, float g, float v1, float root, 
   if (r.denom_div != 1.0f) denom = div_rn(denom, r.denom_div);
   denom = add_rn(denom, r.eps);
   const float w1 = add_rn(mul_rn(w, r.decay), div_rn(mul_rn(r.neg_step, m1), denom));
-  return AdamValues{w1, m1, v1};
+  return AdamValues{w1, m1};
 }
 
 // v rounded into a moment's or weight's dtype (fp32: as is) with the given seed's stochastic rounding.
@@ -307,10 +307,10 @@ LOMO_HD T rounded_as(float v, uint64_t flat_index, bool stochastic, uint32_t see
 // their old bits and the function returns true (the caller counts the element); else false.
 template <class W, class S>
 LOMO_HD bool adam_store(W* w, S* m, S* v, float g, float v1, float root, uint64_t flat_index, const AdamRule& r) {
-  const AdamValues nv = adam_values(to_float(*w), to_float(*m), g, v1, root, r);
+  const AdamValues nv = adam_values(to_float(*w), to_float(*m), g, root, r);
   const W w_out = rounded_as(nv.w, flat_index, r.stochastic, r.seed_hash_w, W{});
   const S m_out = rounded_as(nv.m, flat_index, r.state_stochastic, r.seed_hash_m, S{});
-  const S v_out = rounded_as(nv.v, flat_index, r.state_stochastic, r.seed_hash_v, S{});
+  const S v_out = rounded_as(v1, flat_index, r.state_stochastic, r.seed_hash_v, S{});
   if (!(stored_finite(w_out) && stored_finite(m_out) && stored_finite(v_out))) return true;
   *w = w_out;
   *m = m_out;
